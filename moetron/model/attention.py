@@ -1,0 +1,98 @@
+"""Self-attention layers: grouped-query attention (MHA/GQA/MQA) and DeepSeek's multi-head latent attention.
+
+Both project the input, apply rotary embeddings and call `moetron.kernels.flash_attention`, which owns
+the causal and document masking. Shapes: x (batch, seq, d_model) -> (batch, seq, d_model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moetron.kernels import flash_attention
+from moetron.model.config import ModelConfig
+from moetron.model.layers import RMSNorm, apply_rope
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads shared by groups of query heads
+    (Ainslie et al. 2023); n_kv_heads = n_heads is MHA, 1 is MQA. Optional per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = flash_attention(
+            q, k, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        )  # (batch, seq, n_heads, head_dim)
+        return self.o_proj(out.reshape(batch, seq, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 section 2.1): keys and values come from a shared low-rank latent c_kv
+    (kv_lora_rank), queries optionally from a latent c_q (q_lora_rank). Position enters through a
+    decoupled RoPE part: each query head has qk_rope_head_dim rotary dims, while the rotary key
+    k_pe is one vector shared by all heads. Per head: q = [q_nope, q_pe] (qk_nope + qk_rope dims),
+    k = [k_nope, k_pe], v has v_head_dim dims, so the attention core sees a value head dim that
+    differs from the query/key head dim (V3: 192 vs 128)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        qk_dim = self.nope_dim + self.rope_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.d_model, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(cfg.d_model, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        batch, seq, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = q.view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        c_kv, k_pe = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_norm(c_kv)).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+
+        cos, sin = rope
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope_dim), cos, sin)  # one rotary key for all heads
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (batch, seq, n_heads, nope + rope)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        out = flash_attention(
+            q, k, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        )  # (batch, seq, n_heads, v_head_dim)
+        return self.o_proj(out.reshape(batch, seq, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else GroupedQueryAttention(cfg)

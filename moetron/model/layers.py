@@ -1,0 +1,118 @@
+"""Small building blocks: RMSNorm, rotary embeddings (plain, YaRN, Llama-3 scaling), SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetron.model.config import RopeScaling, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back to the input dtype (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) of the rotary pairs and the scale applied to cos/sin.
+
+    Plain RoPE (Su et al. 2021): theta^(-2i/dim). YaRN (Peng et al. 2023, eq. 23): dims whose wavelength
+    fits many times in the original context keep their frequency (extrapolate), dims with wavelengths
+    longer than it are divided by `factor` (interpolate), with a linear ramp between the correction
+    dims of beta_fast and beta_slow rotations; cos/sin are scaled by the attention factor.
+    Llama 3.1: a piecewise version of the same idea over wavelengths.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.type == "llama3":
+        low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, out), 1.0
+
+    # YaRN
+    def correction_dim(n_rotations: float) -> float:
+        return dim * math.log(scaling.original_max_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    if scaling.attention_factor is not None:
+        attn_factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        attn_factor = yarn_mscale(factor, scaling.mscale) / yarn_mscale(factor, scaling.mscale_all_dim)
+    else:
+        attn_factor = yarn_mscale(factor)
+    return inv_freq, attn_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions; `apply_rope` rotates the pairs (i, i + dim/2)."""
+
+    def __init__(self, dim: int, theta: float, scaling: RopeScaling | None = None):
+        super().__init__()
+        self.dim, self.theta, self.scaling = dim, theta, scaling
+        self.register_buffer("inv_freq", torch.empty(dim // 2), persistent=False)
+        self.attention_factor = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        inv_freq, self.attention_factor = rope_inv_freq(self.dim, self.theta, self.scaling)
+        if not self.inv_freq.is_meta:
+            with torch.no_grad():
+                self.inv_freq.copy_(inv_freq)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (batch, seq) -> cos, sin of shape (batch, seq, 1, dim), fp32."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (batch, seq, dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # (batch, seq, 1, dim)
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, seq, heads, dim) rotated by position: pair (x_i, x_{i+dim/2}) turns by angle_i."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,189 @@
+"""Mixture-of-experts feed-forward: router, grouped experts, shared experts and load balancing.
+
+A token's hidden state goes to `top_k` of `n_routed_experts` SwiGLU experts chosen by the router and
+to every shared expert (DeepSeekMoE, Dai et al. 2024). Routing is dropless by default: tokens are
+sorted by expert and each expert runs one GEMM over its contiguous slice (`kernels.grouped_gemm`).
+With `capacity_factor` set, an expert keeps at most ceil(capacity_factor * tokens * top_k / n_experts)
+tokens, in token order, and the rest of its assignments are dropped (and counted).
+
+Load balancing (DeepSeek-V3 section 2.1.2):
+* auxiliary-loss-free: a per-expert bias is added to the scores for *selecting* experts only; the gate
+  weights use the unbiased scores. After each optimizer step `update_expert_bias` moves the bias by
+  `bias_update_rate * sign(mean_load - load)`, so overloaded experts become less attractive;
+* sequence-wise balance loss alpha * sum_i f_i P_i per sequence (V3 eq. 17-20);
+* optionally the classic batch-wise auxiliary loss, the same formula over all tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetron.kernels import grouped_gemm
+from moetron.model.config import ModelConfig
+from moetron.model.layers import SwiGLU
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # (tokens, top_k) int64, chosen experts
+    weights: torch.Tensor  # (tokens, top_k) fp32 gate weights
+    scores: torch.Tensor  # (tokens, n_experts) fp32 affinities (softmax or sigmoid), without bias
+
+
+class Router(nn.Module):
+    """Token-to-expert affinities and top-k selection (softmax or sigmoid scoring, optional
+    group-limited routing, optional selection bias). Scores are computed in fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k
+        self.score_func, self.norm_topk_prob = cfg.score_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.bias_update_rate = cfg.bias_update_rate
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.d_model))
+        # Selection bias of aux-loss-free balancing: state, not a parameter (no gradient, not in the
+        # optimizer); persistent so checkpoints and HF's e_score_correction_bias carry it.
+        self.register_buffer("expert_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last `reset_load` (for bias updates and logging).
+        self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x (tokens, d_model) -> Routing."""
+        logits = F.linear(x.float(), self.weight.float())  # (tokens, n_experts)
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores.detach() + self.expert_bias  # the bias steers selection only
+        if self.n_group > 1:
+            choice = self._limit_to_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices  # (tokens, top_k)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        return Routing(indices, weights, scores)
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep only experts of each token's best `topk_group` groups; a group scores the sum of its
+        two best experts (DeepSeek-V3's node-limited routing)."""
+        tokens = choice.shape[0]
+        grouped = choice.view(tokens, self.n_group, -1)  # (tokens, n_group, experts_per_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (tokens, n_group)
+        best = group_scores.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, -1)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None) -> None:
+        """b_i += rate * sign(mean_load - load_i). `load` defaults to this rank's accumulated counts;
+        data-parallel callers pass the counts summed over ranks."""
+        load = self.load if load is None else load
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+    def reset_load(self) -> None:
+        self.load.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """n_experts SwiGLU experts stored as 3-D weights, computed with grouped GEMMs over tokens
+    sorted by expert."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+
+    def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x (routed tokens, d_model) sorted by expert; group_ends (n_experts,) cumulative counts."""
+        h = F.silu(grouped_gemm(x, self.gate_proj, group_ends)) * grouped_gemm(x, self.up_proj, group_ends)
+        return grouped_gemm(h, self.down_proj, group_ends)
+
+
+class MoE(nn.Module):
+    """Routed + shared experts. forward(x (batch, seq, d_model)) -> (out, balance_loss or None)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.seq_aux_loss_alpha, self.aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.aux_loss_alpha
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden)
+        self.shared_experts = (
+            SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_hidden) if cfg.n_shared_experts else None
+        )
+        # Assignments dropped by the capacity limit since the last reset (logging).
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        batch, seq, d_model = x.shape
+        flat = x.reshape(-1, d_model)  # (tokens, d_model)
+        routing = self.router(flat)
+        out = self._routed(flat, routing).view(batch, seq, d_model)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out, self._balance_loss(routing, batch, seq)
+
+    def _routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        tokens, k = routing.indices.shape
+        expert_of = routing.indices.reshape(-1)  # (tokens * top_k,) assignment -> expert
+        order = torch.argsort(expert_of, stable=True)  # assignments sorted by expert, token order kept
+        counts = torch.bincount(expert_of, minlength=self.n_experts)  # (n_experts,)
+        if self.capacity_factor is not None:
+            order, counts = self._drop_over_capacity(order, counts, expert_of, tokens)
+        group_ends = counts.cumsum(0)
+        y = self.experts(x[order // k], group_ends)  # (kept assignments, d_model)
+
+        # Un-sort: gather each assignment's output back to (tokens, top_k); dropped ones read a zero row.
+        slot = torch.full((tokens * k,), order.numel(), dtype=torch.long, device=x.device)
+        slot[order] = torch.arange(order.numel(), device=x.device)
+        y = torch.cat([y, y.new_zeros(1, y.shape[1])])[slot].view(tokens, k, -1)
+        return (y * routing.weights[..., None]).sum(dim=1).to(x.dtype)
+
+    def _drop_over_capacity(self, order, counts, expert_of, tokens):
+        capacity = math.ceil(self.capacity_factor * tokens * self.top_k / self.n_experts)
+        starts = counts.cumsum(0) - counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_of[order]]
+        keep = rank_in_expert < capacity
+        if self.training:
+            self.dropped += (~keep).sum().float().detach()
+        return order[keep], counts.clamp(max=capacity)
+
+    def _balance_loss(self, routing: Routing, batch: int, seq: int):
+        if not (self.seq_aux_loss_alpha or self.aux_loss_alpha) or not self.training:
+            return None
+        tokens = batch * seq
+        chosen = torch.zeros_like(routing.scores).scatter_(1, routing.indices, 1.0)  # (tokens, n_experts)
+        probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)  # normalized affinities s'
+        loss = routing.scores.new_zeros(())
+        if self.seq_aux_loss_alpha:
+            loss = loss + self.seq_aux_loss_alpha * balance_loss(
+                chosen.view(batch, seq, -1), probs.view(batch, seq, -1), self.top_k
+            )
+        if self.aux_loss_alpha:
+            loss = loss + self.aux_loss_alpha * balance_loss(
+                chosen.view(1, tokens, -1), probs.view(1, tokens, -1), self.top_k
+            )
+        return loss
+
+
+def balance_loss(chosen: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """sum_i f_i * P_i averaged over groups of tokens (DeepSeek-V3 eq. 17-20 without alpha).
+
+    chosen (groups, tokens, n_experts) 0/1 selection; probs (groups, tokens, n_experts) normalized
+    scores. f_i = n_experts / (top_k * tokens) * #tokens choosing i (1 everywhere when balanced);
+    P_i = mean over tokens of probs_i. One group per sequence gives the sequence-wise loss, one group
+    for the whole batch the classic auxiliary loss.
+    """
+    n_experts, tokens = chosen.shape[-1], chosen.shape[1]
+    f = chosen.sum(dim=1) * (n_experts / (top_k * tokens))  # (groups, n_experts)
+    p = probs.mean(dim=1)  # (groups, n_experts)
+    return (f * p).sum(dim=-1).mean()
