@@ -61,16 +61,17 @@ def flash_attention(
 
 
 def attention_reference(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, window=None, return_lse=False):
-    """Exact attention in fp32 with a materialized (seq_q, seq_k) score matrix per head."""
+    """Exact attention in fp32 (fp64 for fp64 inputs) with a materialized (seq_q, seq_k) score matrix per head."""
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
 
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     # GQA without repeating K/V: view the query heads as (n_kv_heads, group).
-    qf = q.float().reshape(batch, seq_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # (b, hkv, g, sq, d)
-    kf = k.float().permute(0, 2, 1, 3)  # (b, hkv, sk, d)
-    vf = v.float().permute(0, 2, 1, 3)  # (b, hkv, sk, dv)
+    qf = q.to(acc).reshape(batch, seq_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # (b, hkv, g, sq, d)
+    kf = k.to(acc).permute(0, 2, 1, 3)  # (b, hkv, sk, d)
+    vf = v.to(acc).permute(0, 2, 1, 3)  # (b, hkv, sk, dv)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, kf) * scale  # (b, hkv, g, sq, sk)
 
     allowed = attention_mask(seq_q, seq_k, causal, window, cu_seqlens, batch, q.device)

@@ -33,7 +33,9 @@ def grouped_gemm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor
             f"weight{tuple(weight.shape)}"
         )
     if group_ends.shape != (weight.shape[0],):
-        raise ValueError(f"grouped_gemm: group_ends must have shape ({weight.shape[0]},), got {tuple(group_ends.shape)}")
+        raise ValueError(
+            f"grouped_gemm: group_ends must have shape ({weight.shape[0]},), got {tuple(group_ends.shape)}"
+        )
     if impl not in IMPLS:
         raise ValueError(f"grouped_gemm: impl={impl!r}; valid: {IMPLS}")
     if impl == "torch_grouped_mm" or (impl == "auto" and torch_grouped_mm_supported(x, weight)):

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -36,7 +36,7 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
-    attention_factor: Optional[float] = None  # YaRN cos/sin scale; None: derived from mscale(s)
+    attention_factor: float | None = None  # YaRN cos/sin scale; None: derived from mscale(s)
     truncate: bool = True  # YaRN: round the correction range to whole dims
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -55,12 +55,12 @@ class ModelConfig:
     # --- attention: "gqa" (covers MHA and MQA through n_kv_heads) or "mla" (DeepSeek-V2/V3)
     attention: str = "gqa"
     n_heads: int = 8
-    n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA
-    head_dim: Optional[int] = None  # None: d_model // n_heads
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA
+    head_dim: int | None = None  # None: d_model // n_heads
     attention_bias: bool = False  # biases on q/k/v projections (Qwen2-style)
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
     # MLA only
-    q_lora_rank: Optional[int] = None  # None or 0: queries projected directly from d_model
+    q_lora_rank: int | None = None  # None or 0: queries projected directly from d_model
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
@@ -68,7 +68,7 @@ class ModelConfig:
 
     # --- rotary embeddings
     rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: RopeScaling | None = None
 
     # --- feed-forward
     ffn_hidden: int = 1408  # dense SwiGLU width (dense layers and first_k_dense_replace layers)
@@ -82,7 +82,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_group: int = 1  # group-limited routing: experts in n_group groups...
     topk_group: int = 1  # ...and a token's experts come from its best topk_group groups
-    capacity_factor: Optional[float] = None  # None: dropless; else tokens over capacity are dropped
+    capacity_factor: float | None = None  # None: dropless; else tokens over capacity are dropped
 
     # --- load balancing
     bias_update_rate: float = 0.0  # aux-loss-free bias step (V3's gamma; 0 disables the bias)
@@ -207,7 +207,9 @@ class ModelConfig:
                 f"of {per_group}; raise topk_group or lower top_k"
             )
         if self.n_group > 1 and per_group < 2:
-            fail(f"group-limited routing scores a group by its top-2 experts: n_routed_experts/n_group={per_group} must be >= 2")
+            fail(
+                f"group-limited routing scores a group by its top-2 experts: n_routed_experts/n_group={per_group} must be >= 2"
+            )
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             fail(f"capacity_factor={self.capacity_factor} must be positive, or None for dropless routing")
         for name in ("bias_update_rate", "seq_aux_loss_alpha", "aux_loss_alpha", "routed_scaling_factor"):
@@ -234,7 +236,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -242,7 +244,7 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
         import yaml
 
         with open(path) as f:
@@ -257,7 +259,7 @@ class ModelConfig:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         path = PRESET_DIR / f"{name}.yaml"
         if not path.exists():
             raise ValueError(f"unknown model preset {name!r}; available: {list_presets()}")

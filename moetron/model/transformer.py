@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from moetron.model.attention import build_attention
 from moetron.model.config import ModelConfig
 from moetron.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from moetron.model.moe import MoE, GroupedExperts, Router
+from moetron.model.moe import GroupedExperts, MoE, Router
 
 IGNORE_INDEX = -100
 
@@ -44,7 +44,7 @@ class Documents:
     doc_ids: torch.Tensor  # (batch, seq) int64, document index of each token
 
     @classmethod
-    def from_starts(cls, starts: torch.Tensor) -> "Documents":
+    def from_starts(cls, starts: torch.Tensor) -> Documents:
         starts = starts.clone()
         starts[:, 0] = True  # every row starts a document
         flat = starts.flatten()
@@ -59,7 +59,7 @@ class Documents:
         flat_pos = torch.arange(self.starts.numel(), device=self.starts.device)
         return (flat_pos - self.cu_seqlens[self.doc_ids.flatten()].long()).view(self.starts.shape)
 
-    def truncate(self, seq: int) -> "Documents":
+    def truncate(self, seq: int) -> Documents:
         return Documents.from_starts(self.starts[:, :seq])
 
 
@@ -126,8 +126,11 @@ class Transformer(nn.Module):
         """Normal(0, init_std) for matrices; output projections (o_proj, down_proj) get
         init_std / sqrt(2 * n_layers) when scaled_init (GPT-2/Megatron), so the residual stream's
         variance does not grow with depth; norms 1, biases 0, expert bias 0. Also (re)computes the
-        rotary tables, so it completes a model built on the meta device and moved with to_empty()."""
+        rotary tables and re-ties the head to the embedding, so it completes a model built on the meta
+        device and moved with to_empty() (which unties shared parameters)."""
         cfg = self.cfg
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         std = cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5 if cfg.scaled_init else std
         for name, module in self.named_modules():
@@ -283,7 +286,9 @@ class Transformer(nn.Module):
             raise ValueError("pass either doc_ids or cu_seqlens, not both")
         if doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                )
             starts = torch.ones_like(doc_ids, dtype=torch.bool)
             starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             return Documents.from_starts(starts)
@@ -296,7 +301,9 @@ class Transformer(nn.Module):
             starts[bounds] = True
             starts = starts[:-1].view(batch, seq)
             if not bool(starts[:, 0].all()):
-                raise ValueError("cu_seqlens: every row of the batch must start a document (a boundary at each multiple of seq)")
+                raise ValueError(
+                    "cu_seqlens: every row of the batch must start a document (a boundary at each multiple of seq)"
+                )
             return Documents.from_starts(starts)
         return None
 
