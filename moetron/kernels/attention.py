@@ -4,8 +4,9 @@
 
 * `attention_reference`: exact softmax attention in fp32, materializing the score matrix. It is the
   CPU path and the oracle every faster backend is tested against;
-* `"sdpa"`: torch's `scaled_dot_product_attention` (a memory-efficient path for GPUs until the
-  Triton kernel lands), used only for what it supports (no logsumexp, no window).
+* `"sdpa"`: torch's `scaled_dot_product_attention` (the default for CUDA tensors until the Triton
+  kernel lands), used only for what it supports (no logsumexp, no window); other calls fall back
+  to the reference.
 
 Semantics shared by every backend:
 
@@ -51,8 +52,8 @@ def flash_attention(
     _check_shapes(q, k, v, causal, cu_seqlens, window)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if backend is None:
-        backend = "torch"
+    if backend is None:  # the Triton kernel (a later issue) will take precedence here
+        backend = "sdpa" if q.is_cuda and not return_lse and window is None else "torch"
     if backend == "sdpa" and not return_lse and window is None:
         return _sdpa_attention(q, k, v, causal, softmax_scale, cu_seqlens)
     if backend not in BACKENDS:

@@ -1,0 +1,77 @@
+"""GPU checks of the model path (run through the device tool: `pytest -m gpu tests/model/test_gpu.py`)."""
+
+import pytest
+import torch
+
+from moetron.kernels import flash_attention, grouped_gemm, grouped_gemm_reference
+from moetron.kernels.grouped_gemm import torch_grouped_mm_supported
+from moetron.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_grouped_mm_used_on_hopper_and_matches_loop():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm needs sm90")
+    sizes = [0, 300, 17, 1000, 5, 0, 64, 126]
+    x = torch.randn(sum(sizes), 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ends = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
+    assert torch_grouped_mm_supported(x, w)
+    grad = torch.randn(sum(sizes), 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (lambda: grouped_gemm(x, w, ends), lambda: grouped_gemm_reference(x, w, ends)):
+        x.grad = w.grad = None
+        y = fn()
+        y.backward(grad)
+        results.append((y.float(), x.grad.float(), w.grad.float()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0.25, rtol=2e-2)  # bf16 outputs of 512-long dot products
+
+
+@pytest.mark.parametrize("preset", ["tiny", "moe_debug"])
+def test_model_on_gpu_matches_cpu_in_fp32(preset):
+    cfg = ModelConfig.from_preset(preset)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    doc_ids = torch.tensor([[0] * 20 + [1] * 44, [2] * 64])
+    cpu = model(ids, labels=ids, doc_ids=doc_ids)
+    model.cuda()
+    gpu = model(ids.cuda(), labels=ids.cuda(), doc_ids=doc_ids.cuda())
+    torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_step_on_gpu():
+    cfg = ModelConfig.from_preset("moe_debug")
+    model = Transformer(cfg).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda")
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_token_id_is_a_python_error_not_a_device_assert():
+    model = Transformer(ModelConfig.from_preset("tiny")).cuda()
+    ids = torch.randint(0, 1024, (2, 16), device="cuda")
+    ids[1, 3] = 5000
+    with pytest.raises(ValueError, match="token id 5000"):
+        model(ids)
+    torch.cuda.synchronize()  # the context is still healthy
+
+
+def test_sdpa_backend_mla_dims_bf16():
+    q = torch.randn(2, 256, 8, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 256, 8, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 256, 8, 128, device="cuda", dtype=torch.bfloat16)
+    ref = flash_attention(q, k, v, causal=True, backend="torch")
+    got = flash_attention(q, k, v, causal=True, backend="sdpa")
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
