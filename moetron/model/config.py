@@ -244,17 +244,15 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ModelConfig:
-        import yaml
-
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(d).__name__}")
         d.pop("_target_", None)
-        return cls.from_dict(d)
+        return cls.from_dict({**d, **overrides})
 
     def to_yaml(self, path: str | Path) -> None:
-        import yaml
-
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
@@ -263,12 +261,7 @@ class ModelConfig:
         path = PRESET_DIR / f"{name}.yaml"
         if not path.exists():
             raise ValueError(f"unknown model preset {name!r}; available: {list_presets()}")
-        import yaml
-
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        d.pop("_target_", None)
-        return cls.from_dict({**d, **overrides})
+        return cls.from_yaml(path, **overrides)
 
 
 def list_presets() -> list[str]:
