@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
