@@ -13,6 +13,9 @@ from moetron.kernels import flash_attention
 from moetron.model.config import ModelConfig
 from moetron.model.layers import RMSNorm, apply_rope
 
+# DeepSeek normalizes the q/kv latents with a fixed epsilon, whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
 
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads shared by groups of query heads
@@ -25,7 +28,7 @@ class GroupedQueryAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -63,10 +66,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.d_model, self.n_heads * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
         self.kv_a_proj = nn.Linear(cfg.d_model, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.d_model, bias=False)
 

@@ -59,7 +59,7 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA
     head_dim: int | None = None  # None: d_model // n_heads
-    attention_bias: bool = False  # biases on q/k/v projections (Qwen2-style)
+    attention_bias: bool = False  # biases on the q/k/v/o projections (Llama's and Qwen3's attention_bias)
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
     # MLA only
     q_lora_rank: int | None = None  # None or 0: queries projected directly from d_model
@@ -138,7 +138,8 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
-        if rs is not None and rs.type == "yarn" and rs.mscale_all_dim:
+        # YaRN's temperature on the logits, as DeepSeek applies it (GQA models take YaRN through cos/sin only).
+        if self.attention == "mla" and rs is not None and rs.type == "yarn" and rs.mscale_all_dim:
             m = yarn_mscale(rs.factor, rs.mscale_all_dim)
             scale *= m * m
         return scale

@@ -40,7 +40,7 @@ def attention_parameters(cfg: ModelConfig) -> int:
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         n = d * q_out + 2 * d * kv_out + q_out * d
         if cfg.attention_bias:
-            n += q_out + 2 * kv_out
+            n += q_out + 2 * kv_out + d
         if cfg.qk_norm:
             n += 2 * cfg.head_dim
         return n
