@@ -385,17 +385,3 @@ def to_hf(
     write_safetensors_dir(tensors, path, max_shard_bytes)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return hf_config
-
-
-__all__ = [
-    "ARCHITECTURES",
-    "config_from_hf",
-    "config_to_hf",
-    "from_hf",
-    "infer_architecture",
-    "model_type_of",
-    "read_hf_config",
-    "state_dict_from_hf",
-    "state_dict_to_hf",
-    "to_hf",
-]
