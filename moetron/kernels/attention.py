@@ -61,8 +61,11 @@ def flash_attention(
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens, window, return_lse)
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def attention_reference(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, window=None, return_lse=False):
-    """Exact attention in fp32 (fp64 for fp64 inputs) with a materialized (seq_q, seq_k) score matrix per head."""
+    """Exact attention in fp32 (fp64 for fp64 inputs, and fp32 under autocast too) with a materialized
+    (seq_q, seq_k) score matrix per head."""
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads

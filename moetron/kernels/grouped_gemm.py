@@ -38,6 +38,9 @@ def grouped_gemm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor
         )
     if impl not in IMPLS:
         raise ValueError(f"grouped_gemm: impl={impl!r}; valid: {IMPLS}")
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not know _grouped_mm: cast as for F.linear
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if impl == "torch_grouped_mm" or (impl == "auto" and torch_grouped_mm_supported(x, weight)):
         out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=group_ends.to(torch.int32))
         return _ContiguousGrad.apply(out)

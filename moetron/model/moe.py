@@ -55,7 +55,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (tokens, d_model) -> Routing."""
-        logits = F.linear(x.float(), self.weight.float())  # (tokens, n_experts)
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32, also under autocast
+            logits = F.linear(x.float(), self.weight.float())  # (tokens, n_experts)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores.detach() + self.expert_bias  # the bias steers selection only
         if self.n_group > 1:
@@ -65,7 +66,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
-        if self.training:
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
         return Routing(indices, weights, scores)
@@ -153,7 +154,7 @@ class MoE(nn.Module):
         starts = counts.cumsum(0) - counts
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_of[order]]
         keep = rank_in_expert < capacity
-        if self.training:
+        if self.training and not _recomputing():
             self.dropped += (~keep).sum().float().detach()
         return order[keep], counts.clamp(max=capacity)
 
@@ -173,6 +174,12 @@ class MoE(nn.Module):
                 chosen.view(1, tokens, -1), probs.view(1, tokens, -1), self.top_k
             )
         return loss
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass, i.e. when activation checkpointing re-runs this
+    forward: statistics must not be counted twice."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def balance_loss(chosen: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -217,7 +217,7 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ router state
     def routers(self) -> dict[str, Router]:
-        return {name: m for name, m in self.named_modules() if isinstance(m, Router)}
+        return {_plain_name(name): m for name, m in self.named_modules() if isinstance(m, Router)}
 
     @torch.no_grad()
     def update_expert_bias(self, loads: dict[str, torch.Tensor] | None = None) -> None:
@@ -237,7 +237,7 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, MoE):
                 load = module.router.load
-                stats[name] = {
+                stats[_plain_name(name)] = {
                     "tokens_per_expert": load.clone(),
                     "max_over_mean_load": load.max() / load.mean().clamp(min=1e-9),
                     "expert_bias": module.router.expert_bias.clone(),
@@ -311,6 +311,11 @@ class Transformer(nn.Module):
     def _arange_positions(input_ids):
         batch, seq = input_ids.shape
         return torch.arange(seq, device=input_ids.device).expand(batch, seq)
+
+
+def _plain_name(name: str) -> str:
+    """Module path without the segments wrappers insert (activation checkpointing, torch.compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
