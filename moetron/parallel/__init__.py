@@ -1,0 +1,1 @@
+"""moetron.parallel: the topology (ParallelMesh) and the strategies applied to the plain model from outside."""
