@@ -1,0 +1,1 @@
+"""The training loop: build in a fixed order, step, log metrics, checkpoint."""
