@@ -53,8 +53,9 @@ def agree_on_run_dir(run_dir: str, mesh: ParallelMesh) -> Path:
     return path
 
 
-def run(cfg: DictConfig | TrainConfig, run_dir: str | None = None) -> None:
-    """Validate, set up, train. `run_dir` defaults to Hydra's output directory of this job."""
+def run(cfg: DictConfig | TrainConfig, run_dir: str | None = None, callbacks=()) -> None:
+    """Validate, set up, train. `run_dir` defaults to Hydra's output directory of this job;
+    `callbacks` are called as fn(trainer, step, step_result) after every optimizer step."""
     from moetron.trainer.trainer import Trainer
 
     world_size = world_size_from_env()
@@ -70,7 +71,9 @@ def run(cfg: DictConfig | TrainConfig, run_dir: str | None = None) -> None:
         if mesh.rank == 0:
             resolved = OmegaConf.to_yaml(OmegaConf.structured(train_cfg))
             (path / "config.yaml").write_text(resolved)
-        Trainer(train_cfg, mesh, path).fit()
+        trainer = Trainer(train_cfg, mesh, path)
+        trainer.callbacks.extend(callbacks)
+        trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
