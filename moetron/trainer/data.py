@@ -30,9 +30,7 @@ class DataPipeline:
                 f"model.vocab_size={model.vocab_size} is smaller than the data's vocabulary ({vocab}); "
                 "raise model.vocab_size"
             )
-        self.loader = DataLoader(
-            self.train, data.seq_len, data.micro_batch_size, mesh.dp_rank, mesh.dp_size, seed=seed
-        )
+        self.loader = DataLoader(self.train, data.seq_len, data.micro_batch_size, mesh.dp_rank, mesh.dp_size, seed=seed)
 
     def next_train_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in self.loader.next_batch().items()}

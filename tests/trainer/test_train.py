@@ -148,7 +148,9 @@ def test_exact_resume_after_kill(cache_dir, tmp_path):
 
 def test_multirun_sweep_gives_each_run_its_directory_and_wandb_run(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    overrides = [o for o in fast(cache_dir, "X", "trainer.steps=3") if not o.startswith(("trainer.run_dir", "logging.wandb"))]
+    overrides = [
+        o for o in fast(cache_dir, "X", "trainer.steps=3") if not o.startswith(("trainer.run_dir", "logging.wandb"))
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "moetron.train", "-m", *overrides, "optim.lr=1e-3,2e-3", "logging.wandb=true",
          f"hydra.sweep.dir={sweep}"],
