@@ -6,13 +6,15 @@
 #   NPROC_PER_NODE=2 launch/torchrun.sh model=tiny trainer.device=cpu   # 2 CPU processes (gloo)
 #
 # Environment: NPROC_PER_NODE (default: number of GPUs, else 1), NNODES (1), NODE_RANK (0),
-# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), RDZV_ID (moetron). Everything else is a Hydra override.
+# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), RDZV_ID (moetron), PYTHON (python3). Everything else
+# is a Hydra override.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 
+PY=${PYTHON:-python3}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 1)')
+  NPROC_PER_NODE=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')
 fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -37,4 +39,4 @@ else
   rdzv=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --rdzv_backend c10d
         --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-moetron}")
 fi
-exec torchrun "${rdzv[@]}" --nproc_per_node "$NPROC_PER_NODE" -m moetron.train "${args[@]+"${args[@]}"}"
+exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$NPROC_PER_NODE" -m moetron.train "${args[@]+"${args[@]}"}"
