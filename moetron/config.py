@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from moetron.model.config import ModelConfig
 
 
@@ -96,7 +98,9 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # MISSING, not ModelConfig(): an instance would already hold the values __post_init__ derives from
+    # the defaults (head_dim of d_model=512), and Hydra would merge the preset on top of those.
+    model: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

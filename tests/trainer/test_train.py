@@ -67,6 +67,10 @@ def test_every_preset_composes_and_validates(group, tmp_path):
         cfg = to_train_config(compose_cfg([f"{group}={name}", *extra]))
         validate(cfg, world_size=1)
         assert cfg.trainer.run_dir.startswith("runs/")
+        if group == "model":  # the composed model is exactly the preset (no derived defaults leak in)
+            from moetron.model import ModelConfig
+
+            assert cfg.model == ModelConfig.from_preset(name)
 
 
 @pytest.mark.parametrize(
@@ -196,3 +200,20 @@ def test_activation_checkpointing_and_bf16_train(cache_dir, tmp_path):
         )  # fmt: skip
         run(cfg, run_dir=tmp_path / mode)
         assert all(math.isfinite(v) for v in losses(tmp_path / mode).values())
+
+
+def test_init_from_a_moetron_checkpoint(cache_dir, tmp_path):
+    from moetron.config import to_train_config
+    from moetron.model import ModelConfig, Transformer
+    from moetron.model.io import save_moetron
+    from moetron.parallel.mesh import ParallelDims, ParallelMesh
+    from moetron.trainer.trainer import Trainer
+
+    torch.manual_seed(123)
+    source = Transformer(ModelConfig.from_preset("tiny"))
+    save_moetron(source, tmp_path / "init")
+    cfg = to_train_config(compose_cfg(fast(cache_dir, tmp_path / "run", f"trainer.init_from={tmp_path / 'init'}")))
+    trainer = Trainer(cfg, ParallelMesh(ParallelDims(dp=1), "cpu"), tmp_path / "run")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(trainer.plain.state_dict()[name], tensor), name
+    trainer.metrics.close()
