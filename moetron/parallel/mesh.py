@@ -19,7 +19,7 @@ IMPLEMENTED = {"dp"}
 
 
 class ParallelConfigError(ValueError):
-    pass
+    """Parallel degrees that do not fit the world size or the model; the message names the degree."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def train_step(
     losses = dict(zip(LOSS_PARTS, losses_t.tolist()))
     tokens = sum(b["input_ids"].numel() for b in batches) * mesh.dp_size
     problem = _non_finite(losses, float(grad_norm))
-    loads = {name: mesh.all_reduce_dp(router.load.clone()) for name, router in plain.routers().items()}
+    loads = _summed_loads(plain, mesh)
     if problem is not None:
         optimizer.zero_grad(set_to_none=True)
         plain.reset_router_stats()
@@ -83,6 +83,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     plain.update_expert_bias(loads)  # aux-loss-free balancing on the loads of all ranks
     return StepResult(losses, float(grad_norm), tokens, router_loads=loads)
+
+
+def _summed_loads(plain: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor]:
+    """Each router's tokens per expert of this step, summed over data-parallel ranks in one all-reduce."""
+    routers = plain.routers()
+    if not routers:
+        return {}
+    stacked = mesh.all_reduce_dp(torch.stack([r.load for r in routers.values()]))  # (n_routers, n_experts)
+    return dict(zip(routers, stacked.unbind(0)))
 
 
 def _non_finite(losses: dict[str, float], grad_norm: float) -> str | None:
