@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("torch", "sdpa")
+BACKENDS = ("torch", "sdpa", "triton")
 
 
 def flash_attention(
@@ -54,6 +54,10 @@ def flash_attention(
         softmax_scale = q.shape[-1] ** -0.5
     if backend is None:  # the Triton kernel (a later issue) will take precedence here
         backend = "sdpa" if q.is_cuda and not return_lse and window is None else "torch"
+    if backend == "triton":
+        from moetron.kernels.attention_triton import triton_attention
+
+        return triton_attention(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, window, return_lse)
     if backend == "sdpa" and not return_lse and window is None:
         return _sdpa_attention(q, k, v, causal, softmax_scale, cu_seqlens)
     if backend not in BACKENDS:

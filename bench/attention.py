@@ -1,0 +1,97 @@
+"""Attention throughput on one GPU: moetron's Triton kernel vs torch SDPA (FlashAttention-2 and cuDNN
+backends), forward and forward+backward, in TFLOP/s, side by side in one run.
+
+FLOPs: forward 4 * batch * heads * seq_q * seq_k * (d_qk + d_v) / 2 (two matmuls), halved when causal;
+backward 2.5x forward (five matmuls, the FlashAttention papers' convention). Writes JSON with the
+command, git sha, device and versions.
+
+    python bench/attention.py --out bench/results/attention.json --git-sha SHA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moetron.kernels import flash_attention
+
+SHAPES = [  # (batch, heads, seq, d_qk, d_v)
+    (4, 32, 4096, 128, 128),
+    (2, 16, 8192, 128, 128),
+    (8, 32, 2048, 64, 64),
+    (4, 16, 4096, 192, 128),  # MLA
+]
+
+
+def flops(batch, heads, seq, d_qk, d_v, causal, mode):
+    fwd = 2 * batch * heads * seq * seq * (d_qk + d_v) / (2 if causal else 1)
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def timed(fn, mode):
+    if mode == "fwd":
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+    def step():
+        out = fn()
+        out.backward(grad_out[0])
+
+    grad_out = [None]
+    out = fn()
+    grad_out[0] = torch.randn_like(out)
+    return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=None)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--git-sha", default="unknown")
+    args = parser.parse_args()
+    rows = []
+    for batch, heads, seq, d_qk, d_v in SHAPES:
+        for causal in (False, True):
+            q = torch.randn(batch, seq, heads, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(batch, seq, heads, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(batch, seq, heads, d_v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            impls = {"moetron_triton": lambda: flash_attention(q, k, v, causal=causal, backend="triton")}
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+
+                def sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+                impls[name] = sdpa
+            for mode in ("fwd", "fwd_bwd"):
+                row = {"shape": [batch, heads, seq, d_qk, d_v], "causal": causal, "mode": mode}
+                for name, fn in impls.items():
+                    try:
+                        ms = timed(fn, mode)
+                        row[name] = round(flops(batch, heads, seq, d_qk, d_v, causal, mode) / ms / 1e9, 1)
+                    except Exception as e:  # a backend that does not take this shape
+                        row[name] = None
+                        row[f"{name}_error"] = str(e).splitlines()[0][:160]
+                for peer in ("sdpa_flash", "sdpa_cudnn"):
+                    if row.get(peer) and row.get("moetron_triton"):
+                        row[f"ratio_vs_{peer}"] = round(row["moetron_triton"] / row[peer], 3)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    out = {
+        "benchmark": "attention", "unit": "TFLOP/s", "command": " ".join(sys.argv), "git_sha": args.git_sha,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"), "results": rows,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""FlashAttention-2-style Triton kernels (Dao 2023): forward, backward, launchers and autograd.Function.
+
+Never materializes the (seq_q x seq_k) scores. The forward walks the key blocks of one query block
+with an online softmax (running max m, running sum l, rescaled accumulator; exp2 with log2(e) folded
+into the scale) and saves the logsumexp. The backward recomputes the probabilities from it:
+  delta_i = rowsum(dO_i * O_i)                                     (preprocessing)
+  P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), dK = scale * dS^T Q, dQ = scale * dS K
+in two kernels with no atomics (deterministic): one per key block accumulating dK and dV over every
+query head of its GQA group, one per query block accumulating dQ.
+
+Batches are handled as variable-length sequences: sequence b owns query rows [cu_q[b], cu_q[b+1]) and
+key rows [cu_k[b], cu_k[b+1]) of the flattened (tokens, heads, dim) tensors; a padded batch is the
+special case cu = arange(batch + 1) * seq. Causal masks align queries to the end of the keys
+(bottom-right), as in moetron.kernels.attention's reference.
+
+Under TRITON_INTERPRET=1 (CPU tests) the kernels upcast bf16/fp16 to fp32 right after loading: the
+interpreter's low-precision dot is wrong (../shared/TESTING.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _key_mask(offs_m, offs_n, q_len, k_len, offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) allowed pairs: in range, causal (bottom-right), inside the window."""
+    pos = offs_m[:, None] + offset  # query position on the key axis
+    ok = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= pos)
+    if HAS_WINDOW:
+        ok = ok & (pos - offs_n[None, :] < window)
+        if not CAUSAL:
+            ok = ok & (offs_n[None, :] - pos < window)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, cu_q, cu_k,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    n_heads, group, scale_log2, window,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    hk = h // group
+    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
+    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offset = k_len - q_len
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
+
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
+        mask=(offs_m[:, None] < q_len) & (offs_dq[None, :] < D_QK), other=0.0,
+    )  # (BLOCK_M, BLOCK_DQK)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Key blocks this query block can see: causal blocks past the diagonal and blocks left of the
+    # window are skipped entirely.
+    lo, hi = 0, k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, m0 + BLOCK_M + offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        kn = n0 + offs_n
+        k = tl.load(
+            K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
+            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
+        )  # (BLOCK_N, BLOCK_DQK)
+        v = tl.load(
+            V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(_key_mask(offs_m, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(
+        O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+        out.to(O.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < D_V),
+    )  # fmt: skip
+    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    n_kv_heads, group, scale, window,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
+    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
+    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return
+    offset = k_len - q_len
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
+        mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
+    )
+    v = tl.load(
+        V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+        mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
+    )
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # Query blocks that can see this key block: causal skips those that end before it.
+    lo, hi = 0, q_len
+    if CAUSAL:
+        lo = tl.maximum(0, (n0 - offset) // BLOCK_M * BLOCK_M)
+    if HAS_WINDOW:
+        hi = tl.minimum(q_len, n0 + BLOCK_N - offset + window)
+    for g in range(0, group):  # every query head of this kv head's group: dK, dV summed over them
+        h = hk * group + g
+        for m0 in range(lo, hi, BLOCK_M):
+            qm = m0 + offs_m
+            q = tl.load(
+                Q + (q_start + qm)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
+                mask=(qm[:, None] < q_len) & (offs_dq[None, :] < D_QK), other=0.0,
+            )
+            do = tl.load(
+                DO + (q_start + qm)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
+                mask=(qm[:, None] < q_len) & (offs_dv[None, :] < D_V), other=0.0,
+            )
+            if UPCAST:
+                q, do = q.to(tl.float32), do.to(tl.float32)
+            lse = tl.load(LSE + h * stride_lh + q_start + qm, mask=qm < q_len, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw no key: P = 0
+            delta = tl.load(DELTA + h * stride_lh + q_start + qm, mask=qm < q_len, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N)
+            ok = _key_mask(qm, offs_n, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW)
+            p = tl.where(ok, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(
+        DK + (k_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_dq[None, :],
+        (dk * scale).to(DK.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK),
+    )  # fmt: skip
+    tl.store(
+        DV + (k_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V),
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+    stride_dqt, stride_dqh,
+    n_heads, group, scale, window,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    hk = h // group
+    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
+    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offset = k_len - q_len
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
+        mask=row_ok[:, None] & (offs_dq[None, :] < D_QK), other=0.0,
+    )
+    do = tl.load(
+        DO + (q_start + offs_m)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0,
+    )
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    lo, hi = 0, k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, m0 + BLOCK_M + offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        kn = n0 + offs_n
+        k = tl.load(
+            K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
+            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
+        )
+        v = tl.load(
+            V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
+        )
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        ok = _key_mask(offs_m, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(
+        DQ + (q_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_dq[None, :],
+        (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dq[None, :] < D_QK),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _blocks(d_qk: int, d_v: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): one configuration per head-dim class (autotuning: next step)."""
+    if INTERPRET:
+        return 64, 64, 4
+    if max(d_qk, d_v) > 128:
+        return 64, 32, 4
+    return 128, 64, 8 if d_qk > 64 else 4
+
+
+def _layout(q, k, cu_seqlens, max_seqlen):
+    """Flattened (tokens, heads, dim) views and per-sequence row offsets."""
+    batch, seq_q = q.shape[:2]
+    seq_k = k.shape[1]
+    if cu_seqlens is None:
+        cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_q
+        cu_k = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_k
+        return cu_q, cu_k, seq_q, seq_k
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())  # one host sync
+    return cu, cu, longest, longest
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, heads, dim) -> (tokens, heads, dim) with a unit stride on dim."""
+    x = x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
+    batch, seq_q, n_heads, d_qk = q.shape
+    n_kv, d_v = k.shape[2], v.shape[3]
+    cu_q, cu_k, max_q, max_k = _layout(q, k, cu_seqlens, max_seqlen)
+    n_seqs = cu_q.numel() - 1
+    q2, k2, v2 = _rows(q), _rows(k), _rows(v)
+    out = torch.empty(q2.shape[0], n_heads, d_v, device=q.device, dtype=q.dtype)
+    lse = torch.empty(n_heads, q2.shape[0], device=q.device, dtype=torch.float32)
+    block_m, block_n, warps = _blocks(d_qk, d_v)
+    grid = (triton.cdiv(max_q, block_m), n_seqs * n_heads)
+    _fwd_kernel[grid](
+        q2, k2, v2, out, lse, cu_q, cu_k,
+        q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        n_heads, n_heads // n_kv, scale * LOG2E, window or 0,
+        D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
+        num_warps=warps, num_stages=1 if INTERPRET else 2,
+    )  # fmt: skip
+    return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
+
+
+def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window):
+    batch, seq_q, n_heads, d_qk = q.shape
+    n_kv, d_v = k.shape[2], v.shape[3]
+    cu_q, cu_k, max_q, max_k = layout
+    n_seqs = cu_q.numel() - 1
+    q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
+    delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
+    dq = torch.empty_like(q2)
+    dk = torch.empty_like(k2)
+    dv = torch.empty_like(v2)
+    block_m, block_n, warps = _blocks(d_qk, d_v)
+    common = dict(
+        D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
+        CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET, num_warps=warps,
+        num_stages=1 if INTERPRET else 2,
+    )  # fmt: skip
+    strides = (
+        q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
+        do2.stride(0), do2.stride(1), lse.stride(0),
+    )  # fmt: skip
+    bn_kv = min(block_n, 64)
+    _bwd_dkdv_kernel[(triton.cdiv(max_k, bn_kv), n_seqs * n_kv)](
+        q2, k2, v2, do2, lse, delta, dk, dv, cu_q, cu_k, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n_kv, n_heads // n_kv, scale, window or 0, BLOCK_M=64, BLOCK_N=bn_kv, **common,
+    )  # fmt: skip
+    _bwd_dq_kernel[(triton.cdiv(max_q, block_m), n_seqs * n_heads)](
+        q2, k2, v2, do2, lse, delta, dq, cu_q, cu_k, *strides,
+        dq.stride(0), dq.stride(1),
+        n_heads, n_heads // n_kv, scale, window or 0, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+    )  # fmt: skip
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+class TritonAttention(torch.autograd.Function):
+    """Differentiable in q, k, v; the logsumexp output is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
+        out, lse, layout = triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window)
+        ctx.save_for_backward(q, k, v, out, lse, *layout[:2])
+        ctx.max_lens, ctx.causal, ctx.scale, ctx.window = layout[2:], causal, scale, window
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = triton_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, (cu_q, cu_k, *ctx.max_lens), ctx.causal, ctx.scale, ctx.window
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def triton_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window, return_lse):
+    """Entry point used by `flash_attention(backend="triton")`; lse comes back as (batch, heads, seq_q)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) and not INTERPRET:
+        raise ValueError(f"the Triton attention kernel takes bf16 or fp16 inputs on GPU, got {q.dtype}")
+    if max(q.shape[-1], v.shape[-1]) > 256 or q.shape[-1] % 8 or v.shape[-1] % 8:
+        raise ValueError(
+            f"the Triton attention kernel takes head dims that are multiples of 8 up to 256, got q/k "
+            f"{q.shape[-1]} and v {v.shape[-1]}"
+        )
+    out, lse = TritonAttention.apply(q, k, v, causal, scale, cu_seqlens, max_seqlen, window)
+    if not return_lse:
+        return out
+    batch, seq_q, n_heads = q.shape[:3]
+    return out, lse.view(n_heads, batch, seq_q).transpose(0, 1)
+
+
+__all__ = ["triton_attention", "TritonAttention"]
