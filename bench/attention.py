@@ -62,10 +62,17 @@ def main():
             k = torch.randn(batch, seq, heads, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(batch, seq, heads, d_v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-            impls = {"moetron_triton": lambda: flash_attention(q, k, v, causal=causal, backend="triton")}
-            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            impls = {
+                "moetron_triton": lambda q=q, k=k, v=v, causal=causal: flash_attention(
+                    q, k, v, causal=causal, backend="triton"
+                )
+            }
+            for name, backend in (
+                ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+            ):
 
-                def sdpa(backend=backend):
+                def sdpa(backend=backend, qt=qt, kt=kt, vt=vt, causal=causal):
                     with sdpa_kernel(backend):
                         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 

@@ -45,7 +45,7 @@ def _key_mask(offs_m, offs_n, q_len, k_len, offset, window, CAUSAL: tl.constexpr
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, cu_q, cu_k,
+    Q, K, V, Out, LSE, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     n_heads, group, scale_log2, window,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -108,8 +108,8 @@ def _fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(
-        O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
-        out.to(O.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < D_V),
+        Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < D_V),
     )  # fmt: skip
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
