@@ -43,6 +43,56 @@ def _key_mask(offs_m, offs_n, q_len, k_len, offset, window, CAUSAL: tl.constexpr
     return ok
 
 
+def _configs(kind: str) -> list[triton.Config]:
+    """Autotuning candidates per kernel (one under the interpreter, where tuning means nothing)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Large head dims do not fit the biggest tiles in shared memory/registers."""
+    big = max(named_args["D_QK"], named_args["D_V"]) > 128
+    kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 * 2]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _fwd_block(
+    q, acc, m_i, l_i, K, V, k_start, kn, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_dq, offs_dv,
+    q_len, k_len, offset, window, scale_log2,
+    D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax. MASKED=False: every (query, key) pair is allowed, so the
+    block skips the mask arithmetic (the blocks left of the causal diagonal)."""
+    rows = kn[:, None] < k_len
+    k = tl.load(K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
+                mask=rows & (offs_dq[None, :] < D_QK), other=0.0)  # (BLOCK_N, BLOCK_DQK)
+    v = tl.load(V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                mask=rows & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+    if MASKED:
+        s = tl.where(_key_mask(offs_m, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k,
@@ -72,37 +122,33 @@ def _fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Key blocks this query block can see: causal blocks past the diagonal and blocks left of the
-    # window are skipped entirely.
+    # Key blocks: [lo, full) need no mask (every query of the block sees every key: left of the causal
+    # diagonal, inside the keys); [full, hi) are masked; causal blocks past the diagonal and blocks
+    # left of the window are skipped.
     lo, hi = 0, k_len
     if CAUSAL:
         hi = tl.minimum(k_len, m0 + BLOCK_M + offset)
+        full = tl.maximum(0, tl.minimum(m0 + offset + 1, k_len)) // BLOCK_N * BLOCK_N
+    else:
+        full = k_len // BLOCK_N * BLOCK_N
     if HAS_WINDOW:
         lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
+        full = lo  # windows: every block masked
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        kn = n0 + offs_n
-        k = tl.load(
-            K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
-        )  # (BLOCK_N, BLOCK_DQK)
-        v = tl.load(
-            V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(_key_mask(offs_m, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for n0 in range(lo, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            q, acc, m_i, l_i, K, V, k_start, n0 + offs_n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+            offs_m, offs_dq, offs_dv, q_len, k_len, offset, window, scale_log2,
+            D_QK, D_V, False, CAUSAL, HAS_WINDOW, UPCAST,
+        )  # fmt: skip
+    for n0 in range(tl.maximum(full, lo), hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            q, acc, m_i, l_i, K, V, k_start, n0 + offs_n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+            offs_m, offs_dq, offs_dv, q_len, k_len, offset, window, scale_log2,
+            D_QK, D_V, True, CAUSAL, HAS_WINDOW, UPCAST,
+        )  # fmt: skip
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -114,6 +160,7 @@ def _fwd_kernel(
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
+@triton.autotune(configs=_configs("bwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
@@ -187,6 +234,7 @@ def _bwd_dkdv_kernel(
     )  # fmt: skip
 
 
+@triton.autotune(configs=_configs("bwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k,
@@ -254,15 +302,6 @@ def _bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _blocks(d_qk: int, d_v: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): one configuration per head-dim class (autotuning: next step)."""
-    if INTERPRET:
-        return 64, 64, 4
-    if max(d_qk, d_v) > 128:
-        return 64, 32, 4
-    return 128, 64, 8 if d_qk > 64 else 4
-
-
 def _layout(q, k, cu_seqlens, max_seqlen):
     """Flattened (tokens, heads, dim) views and per-sequence row offsets."""
     batch, seq_q = q.shape[:2]
@@ -290,16 +329,14 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
     out = torch.empty(q2.shape[0], n_heads, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n_heads, q2.shape[0], device=q.device, dtype=torch.float32)
-    block_m, block_n, warps = _blocks(d_qk, d_v)
-    grid = (triton.cdiv(max_q, block_m), n_seqs * n_heads)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _fwd_kernel[grid](
         q2, k2, v2, out, lse, cu_q, cu_k,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         n_heads, n_heads // n_kv, scale * LOG2E, window or 0,
         D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
-        num_warps=warps, num_stages=1 if INTERPRET else 2,
+        CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
     )  # fmt: skip
     return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
 
@@ -314,26 +351,23 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     dq = torch.empty_like(q2)
     dk = torch.empty_like(k2)
     dv = torch.empty_like(v2)
-    block_m, block_n, warps = _blocks(d_qk, d_v)
     common = dict(
         D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
-        CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET, num_warps=warps,
-        num_stages=1 if INTERPRET else 2,
+        CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
     )  # fmt: skip
     strides = (
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
-    bn_kv = min(block_n, 64)
-    _bwd_dkdv_kernel[(triton.cdiv(max_k, bn_kv), n_seqs * n_kv)](
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)](
         q2, k2, v2, do2, lse, delta, dk, dv, cu_q, cu_k, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        n_kv, n_heads // n_kv, scale, window or 0, BLOCK_M=64, BLOCK_N=bn_kv, **common,
+        n_kv, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(max_q, block_m), n_seqs * n_heads)](
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)](
         q2, k2, v2, do2, lse, delta, dq, cu_q, cu_k, *strides,
         dq.stride(0), dq.stride(1),
-        n_heads, n_heads // n_kv, scale, window or 0, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+        n_heads, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
