@@ -56,7 +56,8 @@ def _configs(kind: str) -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """Large head dims do not fit the biggest tiles in shared memory/registers."""
-    big = max(named_args["D_QK"], named_args["D_V"]) > 128
+    args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    big = max(args["D_QK"], args["D_V"]) > 128
     kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 * 2]
     return kept or configs[:1]
 
