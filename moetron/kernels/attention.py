@@ -26,6 +26,8 @@ Semantics shared by every backend:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +54,8 @@ def flash_attention(
     _check_shapes(q, k, v, causal, cu_seqlens, window)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if backend is None:  # the Triton kernel (a later issue) will take precedence here
-        backend = "sdpa" if q.is_cuda and not return_lse and window is None else "torch"
+    if backend is None:
+        backend = _default_backend(q, v, return_lse, window)
     if backend == "triton":
         from moetron.kernels.attention_triton import triton_attention
 
@@ -63,6 +65,19 @@ def flash_attention(
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: unknown backend {backend!r}; valid: {BACKENDS} or None")
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens, window, return_lse)
+
+
+def _default_backend(q, v, return_lse, window) -> str:
+    """Triton for bf16/fp16 CUDA tensors (and under TRITON_INTERPRET=1), SDPA for other CUDA tensors,
+    the reference elsewhere."""
+    dims_ok = max(q.shape[-1], v.shape[-1]) <= 256 and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0
+    if dims_ok and (
+        os.environ.get("TRITON_INTERPRET") == "1" or (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))
+    ):
+        return "triton"
+    if q.is_cuda and not return_lse and window is None:
+        return "sdpa"
+    return "torch"
 
 
 @torch.autocast("cuda", enabled=False)

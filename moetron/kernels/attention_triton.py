@@ -72,10 +72,16 @@ def _fwd_block(
     """One key block of the online softmax. MASKED=False: every (query, key) pair is allowed, so the
     block skips the mask arithmetic (the blocks left of the causal diagonal)."""
     rows = kn[:, None] < k_len
-    k = tl.load(K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-                mask=rows & (offs_dq[None, :] < D_QK), other=0.0)  # (BLOCK_N, BLOCK_DQK)
-    v = tl.load(V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-                mask=rows & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    k = tl.load(
+        K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
+        mask=rows & (offs_dq[None, :] < D_QK),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_DQK)
+    v = tl.load(
+        V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+        mask=rows & (offs_dv[None, :] < D_V),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_DV)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
@@ -93,7 +99,11 @@ def _fwd_block(
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("fwd"),
+    key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k,
@@ -118,7 +128,8 @@ def _fwd_kernel(
 
     q = tl.load(
         Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-        mask=(offs_m[:, None] < q_len) & (offs_dq[None, :] < D_QK), other=0.0,
+        mask=(offs_m[:, None] < q_len) & (offs_dq[None, :] < D_QK),
+        other=0.0,
     )  # (BLOCK_M, BLOCK_DQK)
     if UPCAST:
         q = q.to(tl.float32)
@@ -161,7 +172,11 @@ def _fwd_kernel(
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("bwd"),
+    key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
@@ -185,11 +200,13 @@ def _bwd_dkdv_kernel(
     offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
     k = tl.load(
         K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-        mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
+        mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK),
+        other=0.0,
     )
     v = tl.load(
         V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-        mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
+        mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V),
+        other=0.0,
     )
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
@@ -207,11 +224,13 @@ def _bwd_dkdv_kernel(
             qm = m0 + offs_m
             q = tl.load(
                 Q + (q_start + qm)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-                mask=(qm[:, None] < q_len) & (offs_dq[None, :] < D_QK), other=0.0,
+                mask=(qm[:, None] < q_len) & (offs_dq[None, :] < D_QK),
+                other=0.0,
             )
             do = tl.load(
                 DO + (q_start + qm)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
-                mask=(qm[:, None] < q_len) & (offs_dv[None, :] < D_V), other=0.0,
+                mask=(qm[:, None] < q_len) & (offs_dv[None, :] < D_V),
+                other=0.0,
             )
             if UPCAST:
                 q, do = q.to(tl.float32), do.to(tl.float32)
@@ -235,7 +254,11 @@ def _bwd_dkdv_kernel(
     )  # fmt: skip
 
 
-@triton.autotune(configs=_configs("bwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("bwd"),
+    key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k,
@@ -261,11 +284,13 @@ def _bwd_dq_kernel(
     row_ok = offs_m < q_len
     q = tl.load(
         Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-        mask=row_ok[:, None] & (offs_dq[None, :] < D_QK), other=0.0,
+        mask=row_ok[:, None] & (offs_dq[None, :] < D_QK),
+        other=0.0,
     )
     do = tl.load(
         DO + (q_start + offs_m)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
-        mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0,
+        mask=row_ok[:, None] & (offs_dv[None, :] < D_V),
+        other=0.0,
     )
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
@@ -282,11 +307,13 @@ def _bwd_dq_kernel(
         kn = n0 + offs_n
         k = tl.load(
             K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK), other=0.0,
+            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK),
+            other=0.0,
         )
         v = tl.load(
             V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V), other=0.0,
+            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V),
+            other=0.0,
         )
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
