@@ -1,13 +1,13 @@
 """The Triton attention kernels under TRITON_INTERPRET=1 (CPU) against the torch reference.
 
+Runs in its own process with TRITON_INTERPRET=1 set from the start (tests/kernels/test_interpreter.py
+starts it): Triton reads the variable once, when it decorates the kernels.
+
 Fresh random inputs over a grid: sequence lengths 1, 17, 127, 129 and 1000, GQA ratios 1/4/8, head
 dims 64, 128 and MLA's 192/128, causal or not, packed variable lengths, sliding windows; forward
 output, logsumexp, and dq/dk/dv. fp32 inputs (the interpreter's low-precision arithmetic is wrong,
 ../shared/TESTING.md), so agreement is to fp32 rounding.
 """
-
-import importlib
-import os
 
 import pytest
 import torch
@@ -15,30 +15,20 @@ import torch
 from moetron.kernels import flash_attention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels():
-    """Import the kernels as interpreted functions, then restore the environment so that the rest of
-    the suite does not pick the (slow) interpreted backend by default."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+def test_runs_interpreted():
     import moetron.kernels.attention_triton as module
 
-    importlib.reload(module)
     assert module.INTERPRET
-    yield module
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = before
 
 
-def run_both(q, k, v, **kwargs):
+def run_both(q, k, v, deterministic=False, **kwargs):
     grad = torch.randn(*q.shape[:3], v.shape[-1])
     results = []
     for backend in ("torch", "triton"):
         for t in (q, k, v):
             t.grad = None
-        out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+        extra = {"deterministic": deterministic} if backend == "triton" else {}
+        out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, **kwargs, **extra)
         (out * grad).sum().backward()
         results.append((out.detach(), lse.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()))
     return results
@@ -73,6 +63,14 @@ def test_sequence_lengths(seq, causal):
 def test_gqa_and_head_dims(ratio, dims):
     q, k, v = inputs(2, 33, 33, 8, 8 // ratio, *dims)
     assert_match(run_both(q, k, v, causal=True, softmax_scale=0.1))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_deterministic_backward_matches(causal):
+    q, k, v = inputs(2, 130, 130, 4, 2, 64, 64)
+    assert_match(run_both(q, k, v, deterministic=True, causal=causal))
+    q, k, v = inputs(1, 90, 90, 4, 1, 192, 128)
+    assert_match(run_both(q, k, v, deterministic=True, causal=causal, cu_seqlens=torch.tensor([0, 20, 90])))
 
 
 @pytest.mark.parametrize("causal", [True, False])
