@@ -45,13 +45,12 @@ def flash_attention(
     window: int | None = None,
     return_lse: bool = False,
     backend: str | None = None,
-    deterministic: bool = False,
 ):
     """Softmax attention softmax(q k^T * scale + mask) v. See the module docstring for the semantics.
 
     `max_seqlen` (the longest document) is a launch hint for kernels; the reference ignores it.
     `backend`: None picks the best available for the inputs; "torch", "sdpa" or "triton" force one.
-    `deterministic`: the Triton backward without atomics (bit-identical gradients run to run).
+    Every backward here is deterministic (the Triton one uses no atomics).
     """
     _check_shapes(q, k, v, causal, cu_seqlens, window)
     if softmax_scale is None:
@@ -61,9 +60,7 @@ def flash_attention(
     if backend == "triton":
         from moetron.kernels.attention_triton import triton_attention
 
-        return triton_attention(
-            q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, window, return_lse, deterministic
-        )
+        return triton_attention(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, window, return_lse)
     if backend == "sdpa" and not return_lse and window is None:
         return _sdpa_attention(q, k, v, causal, softmax_scale, cu_seqlens)
     if backend not in BACKENDS:

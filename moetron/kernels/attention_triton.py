@@ -5,9 +5,11 @@ with an online softmax (running max m, running sum l, rescaled accumulator; exp2
 into the scale) and saves the logsumexp. The backward recomputes the probabilities from it:
   delta_i = rowsum(dO_i * O_i)                                     (preprocessing)
   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), dK = scale * dS^T Q, dQ = scale * dS K
-by default in one kernel per key block that accumulates dK and dV over every query head of its GQA
-group and adds its share of dQ atomically (fp32); with `deterministic=True` dQ comes from a second
-kernel per query block instead (no atomics, bit-identical runs, two more matmuls per block pair).
+in two kernels with no atomics, so gradients are bit-identical run to run: one per key block
+accumulating dK and dV over every query head of its GQA group, one per query block accumulating dQ.
+(A variant adding dQ from the first kernel with fp32 atomics, 5 matmuls per block pair instead of 7,
+measured slower on the H100: 283 vs 351 TFLOP/s forward+backward at (4, 32, 4096, 128), 77 vs 225 at
+MLA's 192/128.)
 
 Batches are handled as variable-length sequences: sequence b owns query rows [cu_q[b], cu_q[b+1]) and
 key rows [cu_k[b], cu_k[b+1]) of the flattened (tokens, heads, dim) tensors; a padded batch is the
@@ -174,21 +176,20 @@ def _fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs("bwd"), key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW", "FUSED_DQ"],
-    prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DQ32"],
-)  # fmt: skip
+    configs=_configs("bwd"),
+    key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, cu_q, cu_k,
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_kv_heads, group, scale, window,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key block; with FUSED_DQ also this block's share of dQ, added atomically in fp32
-    (5 matmuls per block pair instead of 7, at the price of a summation order that varies)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
     q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
@@ -246,12 +247,6 @@ def _bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            if FUSED_DQ:
-                dq = tl.dot(ds.to(k.dtype), k) * scale  # (BLOCK_M, BLOCK_DQK)
-                tl.atomic_add(
-                    DQ32 + (q_start + qm)[:, None] * stride_dqt + h * stride_dqh + offs_dq[None, :], dq,
-                    mask=(qm[:, None] < q_len) & (offs_dq[None, :] < D_QK), sem="relaxed",
-                )  # fmt: skip
     tl.store(
         DK + (k_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_dq[None, :],
         (dk * scale).to(DK.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK),
@@ -377,15 +372,14 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
 
 
-def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window, deterministic=False):
+def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window):
     batch, seq_q, n_heads, d_qk = q.shape
     n_kv, d_v = k.shape[2], v.shape[3]
     cu_q, cu_k, max_q, max_k = layout
     n_seqs = cu_q.numel() - 1
     q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
     delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
-    fused = not deterministic
-    dq32 = torch.zeros(q2.shape, device=q.device, dtype=torch.float32) if fused else q2.new_zeros(1, 1, 1).float()
+    dq = torch.empty_like(q2)
     dk = torch.empty_like(k2)
     dv = torch.empty_like(v2)
     common = dict(
@@ -397,13 +391,10 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)](
-        q2, k2, v2, do2, lse, delta, dk, dv, dq32, cu_q, cu_k, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
-        n_kv, n_heads // n_kv, scale, window or 0, FUSED_DQ=fused, **common,
+        q2, k2, v2, do2, lse, delta, dk, dv, cu_q, cu_k, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n_kv, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
-    if fused:
-        return dq32.to(q.dtype).view(q.shape), dk.view(k.shape), dv.view(v.shape)
-    dq = torch.empty_like(q2)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)](
         q2, k2, v2, do2, lse, delta, dq, cu_q, cu_k, *strides,
         dq.stride(0), dq.stride(1),
@@ -416,11 +407,10 @@ class TritonAttention(torch.autograd.Function):
     """Differentiable in q, k, v; the logsumexp output is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, cu_seqlens, max_seqlen, window, deterministic):
+    def forward(ctx, q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
         out, lse, layout = triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window)
         ctx.save_for_backward(q, k, v, out, lse, *layout[:2])
         ctx.max_lens, ctx.causal, ctx.scale, ctx.window = layout[2:], causal, scale, window
-        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -428,13 +418,12 @@ class TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = triton_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, (cu_q, cu_k, *ctx.max_lens), ctx.causal, ctx.scale, ctx.window,
-            ctx.deterministic,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
+            dout.contiguous(), q, k, v, out, lse, (cu_q, cu_k, *ctx.max_lens), ctx.causal, ctx.scale, ctx.window
+        )
+        return dq, dk, dv, None, None, None, None, None
 
 
-def triton_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window, return_lse, deterministic=False):
+def triton_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window, return_lse):
     """Entry point used by `flash_attention(backend="triton")`; lse comes back as (batch, heads, seq_q)."""
     if q.dtype not in (torch.float16, torch.bfloat16) and not INTERPRET:
         raise ValueError(f"the Triton attention kernel takes bf16 or fp16 inputs on GPU, got {q.dtype}")
@@ -443,7 +432,7 @@ def triton_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window, ret
             f"the Triton attention kernel takes head dims that are multiples of 8 up to 256, got q/k "
             f"{q.shape[-1]} and v {v.shape[-1]}"
         )
-    out, lse = TritonAttention.apply(q, k, v, causal, scale, cu_seqlens, max_seqlen, window, deterministic)
+    out, lse = TritonAttention.apply(q, k, v, causal, scale, cu_seqlens, max_seqlen, window)
     if not return_lse:
         return out
     batch, seq_q, n_heads = q.shape[:3]
