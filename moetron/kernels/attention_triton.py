@@ -33,6 +33,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _sequence(cu_q, cu_k, b):
+    """First row and length of sequence b's queries and keys in the flattened tensors."""
+    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
+    return q_start, k_start, tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+
+
+@triton.jit
+def _tile(ptr, start, rows, n_rows, stride_t, head, stride_h, cols, n_cols):
+    """(len(rows), len(cols)) tile of one head of a (tokens, heads, dim) tensor, starting at token
+    `start`; rows past n_rows and columns past n_cols (the padding of the head dim) read as 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + (start + rows)[:, None] * stride_t + head * stride_h + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _key_mask(offs_m, offs_n, q_len, k_len, offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """(BLOCK_M, BLOCK_N) allowed pairs: in range, causal (bottom-right), inside the window."""
     pos = offs_m[:, None] + offset  # query position on the key axis
@@ -74,17 +89,8 @@ def _fwd_block(
 ):  # fmt: skip
     """One key block of the online softmax. MASKED=False: every (query, key) pair is allowed, so the
     block skips the mask arithmetic (the blocks left of the causal diagonal)."""
-    rows = kn[:, None] < k_len
-    k = tl.load(
-        K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-        mask=rows & (offs_dq[None, :] < D_QK),
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_DQK)
-    v = tl.load(
-        V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-        mask=rows & (offs_dv[None, :] < D_V),
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_DV)
+    k = _tile(K, k_start, kn, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)  # (BLOCK_N, BLOCK_DQK)
+    v = _tile(V, k_start, kn, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)  # (BLOCK_N, BLOCK_DV)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
@@ -119,8 +125,7 @@ def _fwd_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     hk = h // group
-    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
-    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    q_start, k_start, q_len, k_len = _sequence(cu_q, cu_k, b)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -129,11 +134,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
 
-    q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-        mask=(offs_m[:, None] < q_len) & (offs_dq[None, :] < D_QK),
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_DQK)
+    q = _tile(Q, q_start, offs_m, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)  # (BLOCK_M, BLOCK_DQK)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -192,8 +193,7 @@ def _bwd_dkdv_kernel(
 ):  # fmt: skip
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
-    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
-    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    q_start, k_start, q_len, k_len = _sequence(cu_q, cu_k, b)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -201,16 +201,8 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
-    k = tl.load(
-        K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-        mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK),
-        other=0.0,
-    )
-    v = tl.load(
-        V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-        mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V),
-        other=0.0,
-    )
+    k = _tile(K, k_start, offs_n, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)
+    v = _tile(V, k_start, offs_n, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
@@ -225,16 +217,8 @@ def _bwd_dkdv_kernel(
         h = hk * group + g
         for m0 in range(lo, hi, BLOCK_M):
             qm = m0 + offs_m
-            q = tl.load(
-                Q + (q_start + qm)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-                mask=(qm[:, None] < q_len) & (offs_dq[None, :] < D_QK),
-                other=0.0,
-            )
-            do = tl.load(
-                DO + (q_start + qm)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
-                mask=(qm[:, None] < q_len) & (offs_dv[None, :] < D_V),
-                other=0.0,
-            )
+            q = _tile(Q, q_start, qm, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)
+            do = _tile(DO, q_start, qm, q_len, stride_dot, h, stride_doh, offs_dv, D_V)
             if UPCAST:
                 q, do = q.to(tl.float32), do.to(tl.float32)
             lse = tl.load(LSE + h * stride_lh + q_start + qm, mask=qm < q_len, other=float("inf"))
@@ -275,8 +259,7 @@ def _bwd_dq_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     hk = h // group
-    q_start, k_start = tl.load(cu_q + b), tl.load(cu_k + b)
-    q_len, k_len = tl.load(cu_q + b + 1) - q_start, tl.load(cu_k + b + 1) - k_start
+    q_start, k_start, q_len, k_len = _sequence(cu_q, cu_k, b)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -285,16 +268,8 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dq[None, :],
-        mask=row_ok[:, None] & (offs_dq[None, :] < D_QK),
-        other=0.0,
-    )
-    do = tl.load(
-        DO + (q_start + offs_m)[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
-        mask=row_ok[:, None] & (offs_dv[None, :] < D_V),
-        other=0.0,
-    )
+    q = _tile(Q, q_start, offs_m, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)
+    do = _tile(DO, q_start, offs_m, q_len, stride_dot, h, stride_doh, offs_dv, D_V)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
@@ -308,16 +283,8 @@ def _bwd_dq_kernel(
         lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         kn = n0 + offs_n
-        k = tl.load(
-            K + (k_start + kn)[:, None] * stride_kt + hk * stride_kh + offs_dq[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dq[None, :] < D_QK),
-            other=0.0,
-        )
-        v = tl.load(
-            V + (k_start + kn)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-            mask=(kn[:, None] < k_len) & (offs_dv[None, :] < D_V),
-            other=0.0,
-        )
+        k = _tile(K, k_start, kn, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)
+        v = _tile(V, k_start, kn, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * scale
