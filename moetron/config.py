@@ -75,6 +75,11 @@ class LoggingConfig:
 
 
 @dataclass
+class KernelsConfig:
+    backend: str | None = None  # attention: None (Triton for bf16/fp16 on CUDA), "torch", "sdpa", "triton"
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200
     grad_accum: int = 1  # micro-batches per optimizer step (per data-parallel rank)
@@ -105,6 +110,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -199,6 +205,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _fail("trainer.resume", f"{t.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
     if t.init_from is not None and not Path(t.init_from).is_dir():
         _fail("trainer.init_from", f"{t.init_from!r} is not a directory")
+    if cfg.kernels.backend not in (None, "torch", "sdpa", "triton"):
+        _fail("kernels.backend", f"{cfg.kernels.backend!r} is not one of [None, 'torch', 'sdpa', 'triton']")
     # logging
     _positive("logging.log_every", lg.log_every)
     if lg.wandb_mode is not None:

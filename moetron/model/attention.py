@@ -24,7 +24,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.softmax_scale = cfg.softmax_scale
+        self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -42,7 +42,14 @@ class GroupedQueryAttention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = flash_attention(
-            q, k, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+            q,
+            k,
+            v,
+            causal=True,
+            softmax_scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=self.backend,
         )  # (batch, seq, n_heads, head_dim)
         return self.o_proj(out.reshape(batch, seq, -1))
 
@@ -60,7 +67,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
-        self.softmax_scale = cfg.softmax_scale
+        self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
         qk_dim = self.nope_dim + self.rope_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(cfg.d_model, self.n_heads * qk_dim, bias=False)
@@ -92,7 +99,14 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)  # (batch, seq, n_heads, nope + rope)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
         out = flash_attention(
-            q, k, v, causal=True, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+            q,
+            k,
+            v,
+            causal=True,
+            softmax_scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=self.backend,
         )  # (batch, seq, n_heads, v_head_dim)
         return self.o_proj(out.reshape(batch, seq, -1))
 

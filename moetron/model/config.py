@@ -61,6 +61,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     attention_bias: bool = False  # biases on the q/k/v/o projections (Llama's and Qwen3's attention_bias)
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
+    attention_backend: str | None = None  # flash_attention backend: None (best for the inputs), torch, sdpa, triton
     # MLA only
     q_lora_rank: int | None = None  # None or 0: queries projected directly from d_model
     kv_lora_rank: int = 512
@@ -152,6 +153,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 fail(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.attention_backend not in (None, "torch", "sdpa", "triton"):
+            fail(f"attention_backend={self.attention_backend!r} must be one of None, 'torch', 'sdpa', 'triton'")
         if self.attention not in ("gqa", "mla"):
             fail(f"attention={self.attention!r} must be one of 'gqa', 'mla'")
         if self.attention == "gqa":

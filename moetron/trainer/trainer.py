@@ -7,6 +7,7 @@ fit: for each step, micro-batches -> `train_step` -> metrics -> evaluation -> ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -45,8 +46,11 @@ class Trainer:
             self.autocast = nullcontext
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model_cfg = cfg.model
+        if cfg.kernels.backend is not None:
+            model_cfg = dataclasses.replace(model_cfg, attention_backend=cfg.kernels.backend)
         with torch.device("meta"):
-            model = Transformer(cfg.model)
+            model = Transformer(model_cfg)
         model = parallelize(model, self.mesh, cfg)
         model.to_empty(device=self.device)
         self.plain: Transformer = unwrap(model)
