@@ -42,6 +42,7 @@ class Documents:
     starts: torch.Tensor  # (batch, seq) bool, True at each document's first token
     cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 over the flattened batch*seq tokens
     doc_ids: torch.Tensor  # (batch, seq) int64, document index of each token
+    max_seqlen: int  # the longest document: read once here so no layer has to sync for it
 
     @classmethod
     def from_starts(cls, starts: torch.Tensor) -> Documents:
@@ -52,7 +53,8 @@ class Documents:
         end = torch.tensor([flat.numel()], device=flat.device)
         cu_seqlens = torch.cat([boundaries, end]).to(torch.int32)
         doc_ids = (flat.cumsum(0) - 1).view(starts.shape)
-        return cls(starts, cu_seqlens, doc_ids)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(starts, cu_seqlens, doc_ids, max_seqlen)
 
     def positions(self) -> torch.Tensor:
         """(batch, seq) position of each token inside its document."""
@@ -74,9 +76,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, rope, cu_seqlens=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         """x (batch, seq, d_model) -> (x, balance loss of this layer or None)."""
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens)
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
         h = self.ffn_norm(x)
         if self.is_moe:
             out, aux = self.ffn(h)
@@ -98,9 +100,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # before the shared head
 
-    def forward(self, hidden, next_embed, rope, cu_seqlens=None):
+    def forward(self, hidden, next_embed, rope, cu_seqlens=None, max_seqlen=None):
         x = self.proj(torch.cat([self.embed_norm(next_embed), self.hidden_norm(hidden)], dim=-1))
-        return self.block(x, rope, cu_seqlens)
+        return self.block(x, rope, cu_seqlens, max_seqlen)
 
 
 class Transformer(nn.Module):
@@ -169,13 +171,13 @@ class Transformer(nn.Module):
         docs = self._documents(input_ids, doc_ids, cu_seqlens)
         if position_ids is None:
             position_ids = docs.positions() if docs is not None else self._arange_positions(input_ids)
-        doc_cu = docs.cu_seqlens if docs is not None else None
+        packing = (docs.cu_seqlens, docs.max_seqlen) if docs is not None else (None, None)
 
         h = self.embed(input_ids)  # (batch, seq, d_model)
         rope = self.rope(position_ids)
         balance = []
         for layer in self.layers.values():
-            h, aux = layer(h, rope, doc_cu)
+            h, aux = layer(h, rope, *packing)
             balance.append(aux)
         logits = self.lm_head(self.norm(h))  # (batch, seq, vocab)
         if labels is None:
@@ -204,7 +206,8 @@ class Transformer(nn.Module):
                 break
             docs_k = docs.truncate(n) if docs is not None else None
             rope = self.rope(position_ids[:, :n])
-            h, aux = module(h[:, :n], self.embed(input_ids[:, k:]), rope, docs_k.cu_seqlens if docs_k else None)
+            packing = (docs_k.cu_seqlens, docs_k.max_seqlen) if docs_k is not None else (None, None)
+            h, aux = module(h[:, :n], self.embed(input_ids[:, k:]), rope, *packing)
             balance.append(aux)
             target = labels[:, k:]
             if docs is not None:
