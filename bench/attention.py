@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moetron.kernels import flash_attention
+from moetron.kernels import attention_triton, flash_attention
 
 SHAPES = [  # (batch, heads, seq, d_qk, d_v)
     (4, 32, 4096, 128, 128),
@@ -48,6 +48,14 @@ def timed(fn, mode):
     out = fn()
     grad_out[0] = torch.randn_like(out)
     return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=None)
+
+
+def chosen_configs(mode):
+    """The autotuner's pick for the shape just timed (tile, warps, stages, tensor descriptors or not)."""
+    kernels = {"fwd": attention_triton._fwd_kernel}
+    if mode == "fwd_bwd":
+        kernels.update(dkdv=attention_triton._bwd_dkdv_kernel, dq=attention_triton._bwd_dq_kernel)
+    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
 
 
 def main():
@@ -86,6 +94,7 @@ def main():
                     except Exception as e:  # a backend that does not take this shape
                         row[name] = None
                         row[f"{name}_error"] = str(e).splitlines()[0][:160]
+                row["moetron_configs"] = chosen_configs(mode)
                 for peer in ("sdpa_flash", "sdpa_cudnn"):
                     if row.get(peer) and row.get("moetron_triton"):
                         row[f"ratio_vs_{peer}"] = round(row["moetron_triton"] / row[peer], 3)

@@ -16,6 +16,13 @@ key rows [cu_k[b], cu_k[b+1]) of the flattened (tokens, heads, dim) tensors; a p
 special case cu = arange(batch + 1) * seq. Causal masks align queries to the end of the keys
 (bottom-right), as in moetron.kernels.attention's reference.
 
+Tiles move between global and shared memory either through tensor descriptors (TMA=True: the Hopper
+copy engine, one descriptor per head clipped to the sequence, so rows past its end read 0 and are never
+written) or through masked pointer loads; the autotuner picks per head dim and mask mode, because
+neither wins everywhere on the H100 (descriptors: +4..10% forward at head dim 128 and 192, -5..10% at
+64). Triton 3.6's automatic warp specialization on Hopper (`tl.range(..., warp_specialize=True)`) fails
+to compile this forward loop ("PassManager::run failed"), so it is not used.
+
 Under TRITON_INTERPRET=1 (CPU tests) the kernels upcast bf16/fp16 to fp32 right after loading: the
 interpreter's low-precision dot is wrong (../shared/TESTING.md).
 """
@@ -40,11 +47,46 @@ def _sequence(cu_q, cu_k, b):
 
 
 @triton.jit
-def _tile(ptr, start, rows, n_rows, stride_t, head, stride_h, cols, n_cols):
-    """(len(rows), len(cols)) tile of one head of a (tokens, heads, dim) tensor, starting at token
-    `start`; rows past n_rows and columns past n_cols (the padding of the head dim) read as 0."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + (start + rows)[:, None] * stride_t + head * stride_h + cols[None, :], mask=mask, other=0.0)
+def _head(
+    ptr, head, stride_h, stride_t, n_rows,
+    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """One head of a (tokens, heads, dim) tensor, clipped to rows [0, n_rows) and columns [0, D): a
+    tensor descriptor (TMA=True, the copy engine on Hopper) or the head's base pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(
+            ptr + head * stride_h, shape=[n_rows, D], strides=[stride_t, 1], block_shape=[BLOCK_ROWS, BLOCK_D]
+        )
+    else:
+        return ptr + head * stride_h
+
+
+@triton.jit
+def _load(
+    head, row, stride_t, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr
+):  # fmt: skip
+    """(BLOCK_ROWS, BLOCK_D) tile of `_head` from `row`; rows past n_rows and columns past D read as 0."""
+    if TMA:
+        return head.load([row, 0])
+    else:
+        rows, cols = row + tl.arange(0, BLOCK_ROWS), tl.arange(0, BLOCK_D)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+        return tl.load(head + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(
+    head, row, value, stride_t, n_rows,
+    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Write a (BLOCK_ROWS, BLOCK_D) tile of `_head` at `row`, dropping rows past n_rows and columns past D."""
+    if TMA:
+        head.store([row, 0], value)
+    else:
+        rows, cols = row + tl.arange(0, BLOCK_ROWS), tl.arange(0, BLOCK_D)
+        tl.store(
+            head + rows[:, None] * stride_t + cols[None, :], value, mask=(rows[:, None] < n_rows) & (cols[None, :] < D)
+        )
 
 
 @triton.jit
@@ -62,14 +104,21 @@ def _key_mask(offs_m, offs_n, q_len, k_len, offset, window, CAUSAL: tl.constexpr
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    """Autotuning candidates per kernel (one under the interpreter, where tuning means nothing)."""
+    """Autotuning candidates per kernel: tile shapes x (tensor descriptors or pointer loads). Under the
+    interpreter one config (tuning means nothing there); MOETRON_ATTN_TMA=0 selects its pointer path,
+    so that the CPU tests check both."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        tma = os.environ.get("MOETRON_ATTN_TMA", "1") == "1"
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TMA": tma}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)]
     else:
         shapes = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma}, num_warps=w, num_stages=st)
+        for m, n, w, st in shapes
+        for tma in (True, False)
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -82,15 +131,16 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _fwd_block(
-    q, acc, m_i, l_i, K, V, k_start, kn, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_dq, offs_dv,
-    q_len, k_len, offset, window, scale_log2,
-    D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    q, acc, m_i, l_i, kd, vd, k_row, k_end, stride_kt, stride_vt, kn, offs_m, q_len, k_len, offset, window,
+    scale_log2, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """One key block of the online softmax. MASKED=False: every (query, key) pair is allowed, so the
-    block skips the mask arithmetic (the blocks left of the causal diagonal)."""
-    k = _tile(K, k_start, kn, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)  # (BLOCK_N, BLOCK_DQK)
-    v = _tile(V, k_start, kn, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)  # (BLOCK_N, BLOCK_DV)
+    """One key block (rows k_row.. of the descriptors kd, vd; key positions kn) of the online softmax.
+    MASKED=False: every (query, key) pair is allowed, so the block skips the mask arithmetic (the
+    blocks left of the causal diagonal)."""
+    k = _load(kd, k_row, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)  # (BLOCK_N, BLOCK_DQK)
+    v = _load(vd, k_row, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)  # (BLOCK_N, BLOCK_DV)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
@@ -120,7 +170,7 @@ def _fwd_kernel(
     n_heads, group, scale_log2, window,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
@@ -132,9 +182,12 @@ def _fwd_kernel(
     offset = k_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
-
-    q = _tile(Q, q_start, offs_m, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)  # (BLOCK_M, BLOCK_DQK)
+    # Descriptors clipped to this sequence: rows past its end read as 0 and are never written.
+    q_end, k_end = q_start + q_len, k_start + k_len
+    qd = _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
+    kd = _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
+    vd = _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
+    q = _load(qd, q_start + m0, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)  # (BLOCK_M, BLOCK_DQK)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -155,24 +208,20 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            q, acc, m_i, l_i, K, V, k_start, n0 + offs_n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-            offs_m, offs_dq, offs_dv, q_len, k_len, offset, window, scale_log2,
-            D_QK, D_V, False, CAUSAL, HAS_WINDOW, UPCAST,
+            q, acc, m_i, l_i, kd, vd, k_start + n0, k_end, stride_kt, stride_vt, n0 + offs_n, offs_m, q_len, k_len,
+            offset, window, scale_log2, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, UPCAST, TMA,
         )  # fmt: skip
     for n0 in range(tl.maximum(full, lo), hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            q, acc, m_i, l_i, K, V, k_start, n0 + offs_n, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-            offs_m, offs_dq, offs_dv, q_len, k_len, offset, window, scale_log2,
-            D_QK, D_V, True, CAUSAL, HAS_WINDOW, UPCAST,
+            q, acc, m_i, l_i, kd, vd, k_start + n0, k_end, stride_kt, stride_vt, n0 + offs_n, offs_m, q_len, k_len,
+            offset, window, scale_log2, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, UPCAST, TMA,
         )  # fmt: skip
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(
-        Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
-        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < D_V),
-    )  # fmt: skip
+    od = _head(Out, h, stride_oh, stride_ot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
+    _store(od, q_start + m0, out.to(Out.dtype.element_ty), stride_ot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
@@ -189,7 +238,7 @@ def _bwd_dkdv_kernel(
     n_kv_heads, group, scale, window,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
@@ -200,9 +249,27 @@ def _bwd_dkdv_kernel(
     offset = k_len - q_len
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
-    k = _tile(K, k_start, offs_n, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)
-    v = _tile(V, k_start, offs_n, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)
+    q_end, k_end = q_start + q_len, k_start + k_len
+    k = _load(
+        _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA),
+        k_start + n0,
+        stride_kt,
+        k_end,
+        D_QK,
+        BLOCK_N,
+        BLOCK_DQK,
+        TMA,
+    )  # (BLOCK_N, BLOCK_DQK)
+    v = _load(
+        _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA),
+        k_start + n0,
+        stride_vt,
+        k_end,
+        D_V,
+        BLOCK_N,
+        BLOCK_DV,
+        TMA,
+    )  # (BLOCK_N, BLOCK_DV)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
@@ -215,10 +282,12 @@ def _bwd_dkdv_kernel(
         hi = tl.minimum(q_len, n0 + BLOCK_N - offset + window)
     for g in range(0, group):  # every query head of this kv head's group: dK, dV summed over them
         h = hk * group + g
+        qd = _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
+        dod = _head(DO, h, stride_doh, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
         for m0 in range(lo, hi, BLOCK_M):
             qm = m0 + offs_m
-            q = _tile(Q, q_start, qm, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)
-            do = _tile(DO, q_start, qm, q_len, stride_dot, h, stride_doh, offs_dv, D_V)
+            q = _load(qd, q_start + m0, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)  # (BLOCK_M, BLOCK_DQK)
+            do = _load(dod, q_start + m0, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)  # (BLOCK_M, BLOCK_DV)
             if UPCAST:
                 q, do = q.to(tl.float32), do.to(tl.float32)
             lse = tl.load(LSE + h * stride_lh + q_start + qm, mask=qm < q_len, other=float("inf"))
@@ -231,14 +300,10 @@ def _bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(
-        DK + (k_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_dq[None, :],
-        (dk * scale).to(DK.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dq[None, :] < D_QK),
-    )  # fmt: skip
-    tl.store(
-        DV + (k_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
-        dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < D_V),
-    )  # fmt: skip
+    dkd = _head(DK, hk, stride_dkh, stride_dkt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
+    dvd = _head(DV, hk, stride_dvh, stride_dvt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
+    _store(dkd, k_start + n0, (dk * scale).to(DK.dtype.element_ty), stride_dkt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
+    _store(dvd, k_start + n0, dv.to(DV.dtype.element_ty), stride_dvt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
 
 
 @triton.autotune(
@@ -254,7 +319,7 @@ def _bwd_dq_kernel(
     n_heads, group, scale, window,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
@@ -266,12 +331,32 @@ def _bwd_dq_kernel(
     offset = k_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dq, offs_dv = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = _tile(Q, q_start, offs_m, q_len, stride_qt, h, stride_qh, offs_dq, D_QK)
-    do = _tile(DO, q_start, offs_m, q_len, stride_dot, h, stride_doh, offs_dv, D_V)
+    q_end, k_end = q_start + q_len, k_start + k_len
+    q = _load(
+        _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA),
+        q_start + m0,
+        stride_qt,
+        q_end,
+        D_QK,
+        BLOCK_M,
+        BLOCK_DQK,
+        TMA,
+    )  # (BLOCK_M, BLOCK_DQK)
+    do = _load(
+        _head(DO, h, stride_doh, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA),
+        q_start + m0,
+        stride_dot,
+        q_end,
+        D_V,
+        BLOCK_M,
+        BLOCK_DV,
+        TMA,
+    )  # (BLOCK_M, BLOCK_DV)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
+    kd = _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
+    vd = _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
     lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
@@ -283,8 +368,8 @@ def _bwd_dq_kernel(
         lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         kn = n0 + offs_n
-        k = _tile(K, k_start, kn, k_len, stride_kt, hk, stride_kh, offs_dq, D_QK)
-        v = _tile(V, k_start, kn, k_len, stride_vt, hk, stride_vh, offs_dv, D_V)
+        k = _load(kd, k_start + n0, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)  # (BLOCK_N, BLOCK_DQK)
+        v = _load(vd, k_start + n0, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)  # (BLOCK_N, BLOCK_DV)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * scale
@@ -293,10 +378,8 @@ def _bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(
-        DQ + (q_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_dq[None, :],
-        (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dq[None, :] < D_QK),
-    )  # fmt: skip
+    dqd = _head(DQ, h, stride_dqh, stride_dqt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
+    _store(dqd, q_start + m0, (dq * scale).to(DQ.dtype.element_ty), stride_dqt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -314,9 +397,16 @@ def _layout(q, k, cu_seqlens, max_seqlen):
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, heads, dim) -> (tokens, heads, dim) with a unit stride on dim."""
+    """(batch, seq, heads, dim) -> (tokens, heads, dim) laid out as tensor descriptors (TMA) need:
+    unit stride on dim, the other strides and the start address multiples of 16 bytes."""
     x = x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
-    return x if x.stride(-1) == 1 else x.contiguous()
+    aligned = all(st * x.element_size() % 16 == 0 for st in x.stride()[:2]) and x.data_ptr() % 16 == 0
+    return x if x.stride(-1) == 1 and aligned else x.clone(memory_format=torch.contiguous_format)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory in which kernels build their tensor descriptors."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
@@ -325,6 +415,7 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     cu_q, cu_k, max_q, max_k = _layout(q, k, cu_seqlens, max_seqlen)
     n_seqs = cu_q.numel() - 1
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
+    triton.set_allocator(_scratch)
     out = torch.empty(q2.shape[0], n_heads, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n_heads, q2.shape[0], device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
@@ -345,6 +436,7 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     cu_q, cu_k, max_q, max_k = layout
     n_seqs = cu_q.numel() - 1
     q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
+    triton.set_allocator(_scratch)
     delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
     dq = torch.empty_like(q2)
     dk = torch.empty_like(k2)

@@ -15,10 +15,18 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted: run directly")
-def test_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parents[1])}
+@pytest.mark.parametrize(
+    "target, extra_env",
+    [
+        ("interpreted", {}),
+        # The attention kernels' second load path (pointers instead of tensor descriptors).
+        ("interpreted/test_attention_triton.py", {"MOETRON_ATTN_TMA": "0"}),
+    ],
+)
+def test_kernels_under_the_interpreter(target, extra_env):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parents[1]), **extra_env}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpreted")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / target)],
         capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
