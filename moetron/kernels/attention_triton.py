@@ -227,6 +227,43 @@ def _fwd_kernel(
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
+@triton.jit
+def _probs(
+    q, k, lse2, qm, kn, q_len, k_len, offset, window, scale_log2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """P = exp(S - lse) of one (BLOCK_M, BLOCK_N) block, recomputed from the saved logsumexp (lse2: in
+    log2 units, +inf for rows that saw no key or lie past the sequence, whose P is then 0). Unmasked
+    blocks need no mask: keys past the sequence read as zero rows, so whatever P they get multiplies
+    zeros in dQ, and their own dK/dV rows are never written."""
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
+    if MASKED:
+        p = tl.where(_key_mask(qm, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW), p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, qd, dod, LSE2_h, DELTA_h, q_start, m0, q_end, offs_m, offs_n, stride_qt, stride_dot,
+    q_len, k_len, offset, window, scale_log2,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Add one query block's contribution to dK (unscaled) and dV of a key block."""
+    qm = m0 + offs_m
+    q = _load(qd, q_start + m0, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)  # (BLOCK_M, BLOCK_DQK)
+    do = _load(dod, q_start + m0, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)  # (BLOCK_M, BLOCK_DV)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    lse2 = tl.load(LSE2_h + q_start + qm, mask=qm < q_len, other=float("inf"))
+    delta = tl.load(DELTA_h + q_start + qm, mask=qm < q_len, other=0.0)
+    p = _probs(q, k, lse2, qm, offs_n, q_len, k_len, offset, window, scale_log2, MASKED, CAUSAL, HAS_WINDOW)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # (BLOCK_M, BLOCK_N) = P * (dP - delta)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
 @triton.autotune(
     configs=_configs("bwd"),
     key=["D_QK", "D_V", "CAUSAL", "HAS_WINDOW"],
@@ -234,7 +271,7 @@ def _fwd_kernel(
 )
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_kv_heads, group, scale, window,
@@ -252,60 +289,63 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     q_end, k_end = q_start + q_len, k_start + k_len
-    k = _load(
-        _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA),
-        k_start + n0,
-        stride_kt,
-        k_end,
-        D_QK,
-        BLOCK_N,
-        BLOCK_DQK,
-        TMA,
-    )  # (BLOCK_N, BLOCK_DQK)
-    v = _load(
-        _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA),
-        k_start + n0,
-        stride_vt,
-        k_end,
-        D_V,
-        BLOCK_N,
-        BLOCK_DV,
-        TMA,
-    )  # (BLOCK_N, BLOCK_DV)
+    kd = _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
+    vd = _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
+    k = _load(kd, k_start + n0, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)  # (BLOCK_N, BLOCK_DQK)
+    v = _load(vd, k_start + n0, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)  # (BLOCK_N, BLOCK_DV)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # Query blocks that can see this key block: causal skips those that end before it.
+    scale_log2 = scale * 1.4426950408889634
+    # Query blocks that see this key block: [lo, full) cross the causal diagonal (masked), [full, hi)
+    # see all its keys (unmasked); causal skips the blocks that end before it, a window those past it.
     lo, hi = 0, q_len
+    full = 0
     if CAUSAL:
-        lo = tl.maximum(0, (n0 - offset) // BLOCK_M * BLOCK_M)
+        lo = tl.maximum(0, n0 - offset) // BLOCK_M * BLOCK_M
+        full = tl.minimum(hi, tl.maximum(lo, tl.cdiv(tl.maximum(0, n0 + BLOCK_N - 1 - offset), BLOCK_M) * BLOCK_M))
     if HAS_WINDOW:
         hi = tl.minimum(q_len, n0 + BLOCK_N - offset + window)
+        full = hi  # windows: every block masked
     for g in range(0, group):  # every query head of this kv head's group: dK, dV summed over them
         h = hk * group + g
         qd = _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
         dod = _head(DO, h, stride_doh, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
-        for m0 in range(lo, hi, BLOCK_M):
-            qm = m0 + offs_m
-            q = _load(qd, q_start + m0, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)  # (BLOCK_M, BLOCK_DQK)
-            do = _load(dod, q_start + m0, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)  # (BLOCK_M, BLOCK_DV)
-            if UPCAST:
-                q, do = q.to(tl.float32), do.to(tl.float32)
-            lse = tl.load(LSE + h * stride_lh + q_start + qm, mask=qm < q_len, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw no key: P = 0
-            delta = tl.load(DELTA + h * stride_lh + q_start + qm, mask=qm < q_len, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N)
-            ok = _key_mask(qm, offs_n, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW)
-            p = tl.where(ok, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        for m0 in range(lo, full, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, qd, dod, LSE2 + h * stride_lh, DELTA + h * stride_lh, q_start, m0, q_end, offs_m,
+                offs_n, stride_qt, stride_dot, q_len, k_len, offset, window, scale_log2,
+                D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, TMA, UPCAST,
+            )  # fmt: skip
+        for m0 in range(tl.maximum(full, lo), hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, qd, dod, LSE2 + h * stride_lh, DELTA + h * stride_lh, q_start, m0, q_end, offs_m,
+                offs_n, stride_qt, stride_dot, q_len, k_len, offset, window, scale_log2,
+                D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, False, CAUSAL, HAS_WINDOW, TMA, UPCAST,
+            )  # fmt: skip
     dkd = _head(DK, hk, stride_dkh, stride_dkt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
     dvd = _head(DV, hk, stride_dvh, stride_dvt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
     _store(dkd, k_start + n0, (dk * scale).to(DK.dtype.element_ty), stride_dkt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
     _store(dvd, k_start + n0, dv.to(DV.dtype.element_ty), stride_dvt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, kd, vd, k_start, n0, k_end, offs_m, offs_n, stride_kt, stride_vt,
+    q_len, k_len, offset, window, scale_log2,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Add one key block's contribution to dQ (unscaled) of a query block."""
+    k = _load(kd, k_start + n0, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)  # (BLOCK_N, BLOCK_DQK)
+    v = _load(vd, k_start + n0, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)  # (BLOCK_N, BLOCK_DV)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    kn = n0 + offs_n
+    p = _probs(q, k, lse2, offs_m, kn, q_len, k_len, offset, window, scale_log2, MASKED, CAUSAL, HAS_WINDOW)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # (BLOCK_M, BLOCK_N)
+    return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.autotune(
@@ -315,7 +355,7 @@ def _bwd_dkdv_kernel(
 )
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k,
+    Q, K, V, DO, LSE2, DELTA, DQ, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     stride_dqt, stride_dqh,
     n_heads, group, scale, window,
@@ -333,53 +373,40 @@ def _bwd_dq_kernel(
     offset = k_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < q_len
     q_end, k_end = q_start + q_len, k_start + k_len
-    q = _load(
-        _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA),
-        q_start + m0,
-        stride_qt,
-        q_end,
-        D_QK,
-        BLOCK_M,
-        BLOCK_DQK,
-        TMA,
-    )  # (BLOCK_M, BLOCK_DQK)
-    do = _load(
-        _head(DO, h, stride_doh, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA),
-        q_start + m0,
-        stride_dot,
-        q_end,
-        D_V,
-        BLOCK_M,
-        BLOCK_DV,
-        TMA,
-    )  # (BLOCK_M, BLOCK_DV)
+    qd = _head(Q, h, stride_qh, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
+    dod = _head(DO, h, stride_doh, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
+    q = _load(qd, q_start + m0, stride_qt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)  # (BLOCK_M, BLOCK_DQK)
+    do = _load(dod, q_start + m0, stride_dot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)  # (BLOCK_M, BLOCK_DV)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     kd = _head(K, hk, stride_kh, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)
     vd = _head(V, hk, stride_vh, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)
-    lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE2 + h * stride_lh + q_start + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=offs_m < q_len, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    scale_log2 = scale * 1.4426950408889634
+    # Key blocks as in the forward: [lo, full) unmasked, [full, hi) masked (the causal diagonal, windows).
     lo, hi = 0, k_len
+    full = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, m0 + BLOCK_M + offset)
+        full = tl.maximum(0, tl.minimum(m0 + offset + 1, k_len)) // BLOCK_N * BLOCK_N
     if HAS_WINDOW:
         lo = tl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        kn = n0 + offs_n
-        k = _load(kd, k_start + n0, stride_kt, k_end, D_QK, BLOCK_N, BLOCK_DQK, TMA)  # (BLOCK_N, BLOCK_DQK)
-        v = _load(vd, k_start + n0, stride_vt, k_end, D_V, BLOCK_N, BLOCK_DV, TMA)  # (BLOCK_N, BLOCK_DV)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        ok = _key_mask(offs_m, kn, q_len, k_len, offset, window, CAUSAL, HAS_WINDOW)
-        p = tl.where(ok, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        full = lo
+    for n0 in range(lo, full, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, kd, vd, k_start, n0, k_end, offs_m, offs_n, stride_kt, stride_vt,
+            q_len, k_len, offset, window, scale_log2,
+            D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, TMA, UPCAST,
+        )  # fmt: skip
+    for n0 in range(tl.maximum(full, lo), hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, kd, vd, k_start, n0, k_end, offs_m, offs_n, stride_kt, stride_vt,
+            q_len, k_len, offset, window, scale_log2,
+            D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, TMA, UPCAST,
+        )  # fmt: skip
     dqd = _head(DQ, h, stride_dqh, stride_dqt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
     _store(dqd, q_start + m0, (dq * scale).to(DQ.dtype.element_ty), stride_dqt, q_end, D_QK, BLOCK_M, BLOCK_DQK, TMA)
 
@@ -440,6 +467,8 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
     triton.set_allocator(_scratch)
     delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
+    # The logsumexp in log2 units; rows that saw no key get +inf, so that their P is 0.
+    lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (heads, tokens)
     dq = torch.empty_like(q2)
     dk = torch.empty_like(k2)
     dv = torch.empty_like(v2)
@@ -452,12 +481,12 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)](
-        q2, k2, v2, do2, lse, delta, dk, dv, cu_q, cu_k, *strides,
+        q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_kv, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)](
-        q2, k2, v2, do2, lse, delta, dq, cu_q, cu_k, *strides,
+        q2, k2, v2, do2, lse2, delta, dq, cu_q, cu_k, *strides,
         dq.stride(0), dq.stride(1),
         n_heads, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
