@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from moetron.kernels import flash_attention
 from moetron.model.config import ModelConfig
-from moetron.model.layers import RMSNorm, apply_rope
+from moetron.model.layers import RMSNorm, apply_rope, make_linear
 
 # DeepSeek normalizes the q/kv latents with a fixed epsilon, whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -25,10 +25,11 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        bias, fp8 = cfg.attention_bias, cfg.fp8
+        self.q_proj = make_linear(cfg.d_model, self.n_heads * self.head_dim, bias, fp8)
+        self.k_proj = make_linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias, fp8)
+        self.v_proj = make_linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias, fp8)
+        self.o_proj = make_linear(self.n_heads * self.head_dim, cfg.d_model, bias, fp8)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -68,17 +69,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
-        qk_dim = self.nope_dim + self.rope_dim
+        qk_dim, fp8 = self.nope_dim + self.rope_dim, cfg.fp8
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.d_model, self.n_heads * qk_dim, bias=False)
+            self.q_proj = make_linear(cfg.d_model, self.n_heads * qk_dim, fp8=fp8)
         else:
-            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = make_linear(cfg.d_model, cfg.q_lora_rank, fp8=fp8)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
-        self.kv_a_proj = nn.Linear(cfg.d_model, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_b_proj = make_linear(cfg.q_lora_rank, self.n_heads * qk_dim, fp8=fp8)
+        self.kv_a_proj = make_linear(cfg.d_model, self.kv_lora_rank + self.rope_dim, fp8=fp8)
         self.kv_a_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.d_model, bias=False)
+        self.kv_b_proj = make_linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), fp8=fp8)
+        self.o_proj = make_linear(self.n_heads * self.v_dim, cfg.d_model, fp8=fp8)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         batch, seq, _ = x.shape

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,19 @@ class RopeScaling:
     truncate: bool = True  # YaRN: round the correction range to whole dims
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+
+
+@dataclass
+class FP8Config:
+    """FP8 training (DeepSeek-V3 section 3.3): the linear layers of attention and of the dense, shared
+    and routed experts run their GEMMs in block-scaled e4m3 (`moetron.kernels.fp8_linear`); embedding,
+    output head, router, norms, the MTP projection and the attention core stay in bf16/fp32."""
+
+    enabled: bool = False
+    pow2_scales: bool = False  # round scales up to powers of two (DeepSeek's UE8M0): exact rescaling
+
+
+FP8_BLOCK = 128  # FP8 GEMMs reduce over 128-wide scaled blocks (moetron.kernels.fp8.SCALE_BLOCK)
 
 
 @dataclass
@@ -100,9 +113,14 @@ class ModelConfig:
     init_std: float = 0.02
     scaled_init: bool = True  # output projections get std / sqrt(2 * n_layers)
 
+    # --- numerics
+    fp8: FP8Config = field(default_factory=FP8Config)
+
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.fp8, dict):
+            self.fp8 = FP8Config(**self.fp8)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0:
@@ -185,6 +203,7 @@ class ModelConfig:
             fail(f"mtp_depth={self.mtp_depth} must be >= 0 (0 disables multi-token prediction)")
         if self.mtp_loss_weight < 0:
             fail(f"mtp_loss_weight={self.mtp_loss_weight} must be >= 0")
+        self._validate_fp8(fail)
 
     def _validate_moe(self, fail) -> None:
         if self.n_routed_experts < 0:
@@ -221,6 +240,38 @@ class ModelConfig:
         for name in ("bias_update_rate", "seq_aux_loss_alpha", "aux_loss_alpha", "routed_scaling_factor"):
             if getattr(self, name) < 0:
                 fail(f"{name}={getattr(self, name)} must be >= 0")
+
+    def fp8_reduction_dims(self) -> dict[str, int]:
+        """The in_features of every layer that runs in FP8, keyed by the field(s) that set them."""
+        dims = {"d_model": self.d_model}  # q/k/v/q_a/kv_a and every FFN's gate/up projections
+        if self.attention == "mla":
+            dims["n_heads*v_head_dim"] = self.n_heads * self.v_head_dim  # o_proj
+            dims["kv_lora_rank"] = self.kv_lora_rank  # kv_b_proj
+            if self.q_lora_rank is not None:
+                dims["q_lora_rank"] = self.q_lora_rank  # q_b_proj
+        else:
+            dims["n_heads*head_dim"] = self.n_heads * self.head_dim  # o_proj
+        if not self.is_moe or self.first_k_dense_replace > 0:
+            dims["ffn_hidden"] = self.ffn_hidden  # dense down_proj
+        if self.is_moe:
+            # routed experts' down_proj (and, through their grouped GEMMs, gate/up's out_features);
+            # shared experts are n_shared_experts times as wide, so they follow.
+            dims["moe_ffn_hidden"] = self.moe_ffn_hidden
+        return dims
+
+    def _validate_fp8(self, fail) -> None:
+        if not isinstance(self.fp8, FP8Config):
+            fail(f"fp8={self.fp8!r} must be an FP8Config (or a mapping with enabled, pow2_scales)")
+        if not self.fp8.enabled:
+            return
+        for name, dim in self.fp8_reduction_dims().items():
+            if dim % FP8_BLOCK:
+                below, above = dim // FP8_BLOCK * FP8_BLOCK, -(-dim // FP8_BLOCK) * FP8_BLOCK
+                nearest = " or ".join(str(v) for v in (below, above) if v > 0)
+                fail(
+                    f"fp8.enabled=true needs {name}={dim} to be a multiple of {FP8_BLOCK} (FP8 GEMMs reduce over "
+                    f"{FP8_BLOCK}-wide scaled blocks); nearest valid: {nearest}, or set fp8.enabled=false"
+                )
 
     def _validate_rope(self, fail) -> None:
         if self.rope_theta <= 0:
@@ -283,4 +334,4 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-__all__ = ["ModelConfig", "RopeScaling", "list_presets", "yarn_mscale"]
+__all__ = ["FP8Config", "ModelConfig", "RopeScaling", "list_presets", "yarn_mscale"]

@@ -1,4 +1,5 @@
-"""Small building blocks: RMSNorm, rotary embeddings (plain, YaRN, Llama-3 scaling), SwiGLU MLP."""
+"""Small building blocks: RMSNorm, rotary embeddings (plain, YaRN, Llama-3 scaling), SwiGLU MLP, and
+`make_linear`, the one place that decides whether a linear layer runs in bf16/fp32 or FP8."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetron.model.config import RopeScaling, yarn_mscale
+from moetron.kernels.fp8_linear import FP8Linear
+from moetron.model.config import FP8Config, RopeScaling, yarn_mscale
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False, fp8: FP8Config | None = None) -> nn.Linear:
+    """nn.Linear, or FP8Linear (same parameters, GEMMs in FP8) when `fp8` is given and enabled. Layers that
+    must stay in higher precision (embedding, output head, router, MTP projection) do not pass `fp8`."""
+    if fp8 is not None and fp8.enabled:
+        return FP8Linear(in_features, out_features, bias=bias, pow2_scales=fp8.pow2_scales)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -106,13 +116,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = make_linear(d_model, hidden, fp8=fp8)
+        self.up_proj = make_linear(d_model, hidden, fp8=fp8)
+        self.down_proj = make_linear(hidden, d_model, fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -12,6 +12,13 @@ Load balancing (DeepSeek-V3 section 2.1.2):
   `bias_update_rate * sign(mean_load - load)`, so overloaded experts become less attractive;
 * sequence-wise balance loss alpha * sum_i f_i P_i per sequence (V3 eq. 17-20);
 * optionally the classic batch-wise auxiliary loss, the same formula over all tokens of the batch.
+
+FP8 (`cfg.fp8.enabled`): the experts' grouped GEMMs run in FP8 (`kernels.fp8_linear.fp8_grouped_linear`),
+whose weight gradient needs every expert's rows to start at a multiple of 128. The dispatch then
+places each expert's rows at a 128-aligned offset of a zero-filled buffer sized for the worst case
+(tokens * top_k + n_experts * 127, rounded up to 128), with the offsets computed on the device (no
+host sync), and reads the outputs back from the same places. Zero rows give zero outputs and take no
+gradient. The bf16 path is unchanged (`pad_groups_to` = 1).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels import grouped_gemm
-from moetron.model.config import ModelConfig
+from moetron.kernels.fp8_linear import FP8_BLOCK, fp8_grouped_linear
+from moetron.model.config import FP8Config, ModelConfig
 from moetron.model.layers import SwiGLU
 
 
@@ -94,18 +102,30 @@ class Router(nn.Module):
 
 class GroupedExperts(nn.Module):
     """n_experts SwiGLU experts stored as 3-D weights, computed with grouped GEMMs over tokens
-    sorted by expert."""
+    sorted by expert; in FP8 with `fp8` enabled (then every group must start at a multiple of 128)."""
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int):
+    def __init__(self, n_experts: int, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.fp8 = fp8 is not None and fp8.enabled
+        self.pow2_scales = self.fp8 and fp8.pow2_scales
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, d_model) sorted by expert; group_ends (n_experts,) cumulative counts."""
-        h = F.silu(grouped_gemm(x, self.gate_proj, group_ends)) * grouped_gemm(x, self.up_proj, group_ends)
-        return grouped_gemm(h, self.down_proj, group_ends)
+        h = F.silu(self._mm(x, self.gate_proj, group_ends)) * self._mm(x, self.up_proj, group_ends)
+        return self._mm(h, self.down_proj, group_ends)
+
+    def _mm(self, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8_grouped_linear(x, weight, group_ends, self.pow2_scales)
+        return grouped_gemm(x, weight, group_ends)
+
+    def extra_repr(self) -> str:
+        n_experts, hidden, d_model = self.gate_proj.shape
+        fp8 = f", fp8=e4m3, pow2_scales={self.pow2_scales}" if self.fp8 else ""
+        return f"n_experts={n_experts}, d_model={d_model}, hidden={hidden}{fp8}"
 
 
 class MoE(nn.Module):
@@ -117,10 +137,12 @@ class MoE(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         self.seq_aux_loss_alpha, self.aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.aux_loss_alpha
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden, cfg.fp8)
         self.shared_experts = (
-            SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_hidden) if cfg.n_shared_experts else None
+            SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_hidden, cfg.fp8) if cfg.n_shared_experts else None
         )
+        # Each expert's rows start at a multiple of this in the grouped GEMMs' input (FP8's wgrad needs 128).
+        self.pad_groups_to = FP8_BLOCK if cfg.fp8.enabled else 1
         # Assignments dropped by the capacity limit since the last reset (logging).
         self.register_buffer("dropped", torch.zeros((), dtype=torch.float32), persistent=False)
 
@@ -140,14 +162,31 @@ class MoE(nn.Module):
         counts = torch.bincount(expert_of, minlength=self.n_experts)  # (n_experts,)
         if self.capacity_factor is not None:
             order, counts = self._drop_over_capacity(order, counts, expert_of, tokens)
-        group_ends = counts.cumsum(0)
-        y = self.experts(x[order // k], group_ends)  # (kept assignments, d_model)
+        if self.pad_groups_to > 1:
+            y = self._padded_experts(x[order // k], expert_of[order], counts)
+        else:
+            y = self.experts(x[order // k], counts.cumsum(0))  # (kept assignments, d_model)
 
         # Un-sort: gather each assignment's output back to (tokens, top_k); dropped ones read a zero row.
         slot = torch.full((tokens * k,), order.numel(), dtype=torch.long, device=x.device)
         slot[order] = torch.arange(order.numel(), device=x.device)
         y = torch.cat([y, y.new_zeros(1, y.shape[1])])[slot].view(tokens, k, -1)
         return (y * routing.weights[..., None]).sum(dim=1).to(x.dtype)
+
+    def _padded_experts(self, x_sorted: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor):
+        """The experts over x_sorted (assignments, d_model) with each expert's rows moved to a multiple of
+        `pad_groups_to` in a zero-filled buffer; returns (assignments, d_model) in x_sorted's order.
+        The buffer has the worst-case size, so nothing here waits for the device."""
+        multiple, n = self.pad_groups_to, x_sorted.shape[0]
+        rows = -(-(n + self.n_experts * (multiple - 1)) // multiple) * multiple  # worst case, rounded
+        padded_counts = (counts + multiple - 1) // multiple * multiple  # (n_experts,)
+        padded_ends = padded_counts.cumsum(0)
+        starts, padded_starts = counts.cumsum(0) - counts, padded_ends - padded_counts
+        rank_in_expert = torch.arange(n, device=x_sorted.device) - starts[sorted_expert]
+        dest = padded_starts[sorted_expert] + rank_in_expert  # (assignments,) row in the padded buffer
+        x_padded = x_sorted.new_zeros(rows, x_sorted.shape[1]).index_copy(0, dest, x_sorted)  # (rows, d_model)
+        y_padded = self.experts(x_padded, padded_ends.to(torch.int32))  # rows past padded_ends[-1] give 0
+        return y_padded.index_select(0, dest)
 
     def _drop_over_capacity(self, order, counts, expert_of, tokens):
         capacity = math.ceil(self.capacity_factor * tokens * self.top_k / self.n_experts)

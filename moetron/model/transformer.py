@@ -74,7 +74,7 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fp8)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         """x (batch, seq, d_model) -> (x, balance loss of this layer or None)."""

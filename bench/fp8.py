@@ -1,0 +1,456 @@
+"""FP8 throughput on one GPU: moetron's block-scaled FP8 kernels vs cuBLAS FP8 (`torch._scaled_mm`),
+`torch._grouped_mm` and torch bf16, side by side in one run, in TFLOP/s.
+
+Three sections, each row one shape, each implementation one column (None + `<impl>_error` when it
+fails, so one peer that does not take a shape does not stop the run):
+
+* gemm: C = A @ B^T, A (M, K), B (N, K). `moetron_fp8` is `fp8_gemm` on pre-quantized operands
+  (1x128 activation tiles, 128x128 weight blocks: DeepSeek-V3's recipe), `moetron_fp8_quant` adds
+  quantizing both operands; peers `torch_bf16` (torch.matmul), `scaled_mm_tensorwise` (one fp32
+  scale per operand) and `scaled_mm_rowwise` (scale_a (M, 1), scale_b (1, N)).
+* grouped: the MoE expert GEMMs, rows sorted by expert: `moetron_fp8` is `fp8_grouped_gemm`
+  (pre-quantized), `moetron_fp8_quant` adds the quantization, peers `grouped_mm_bf16`
+  (`torch._grouped_mm`) and `scaled_grouped_mm_rowwise` (`torch._scaled_grouped_mm`, cuBLAS-style
+  rowwise FP8). Group sizes: multinomial from a fixed seed over skewed expert probabilities;
+  `aligned` rounds every group up to a multiple of 128 rows (the padding of the FP8 MoE path).
+* linear: a full forward + backward (`y.backward(grad)`, grads of input and weight) of
+  `FP8Linear` vs `nn.Linear`, both with bf16 parameters and inputs, no autocast.
+
+FLOPs: 2*M*N*K per GEMM (the total routed rows for grouped), 3 * 2*M*N*K for a linear's forward +
+backward. Timing: CUDA events around each call, after a warm-up, median over the reps; no cache
+flush. `rel_err_*` is ||C - C_bf16|| / ||C_bf16|| of one output, a check that a fast number is not
+a wrong one (FP8 e4m3 with fine-grained scales gives ~3-5%).
+
+    python bench/fp8.py --out bench/results/fp8.json --git-sha SHA
+    python bench/fp8.py --quick                       # small shapes, a smoke test (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+GEMM_SHAPES = [  # (M, N, K, label)
+    (4096, 4096, 4096, "square"),
+    (8192, 8192, 8192, "square"),
+    (16384, 2048, 7168, "V3 expert gate/up (7168 -> 2048)"),
+    (16384, 7168, 2048, "V3 expert down (2048 -> 7168)"),
+]
+GROUPED_SHAPES = [  # (experts, total rows, N, K, label)
+    (8, 16384, 2048, 7168, "V3 gate/up"),
+    (8, 16384, 7168, 2048, "V3 down"),
+    (32, 16384, 2048, 7168, "V3 gate/up"),
+    (32, 16384, 7168, 2048, "V3 down"),
+]
+LINEAR_SHAPES = [  # (tokens, in_features, out_features, label)
+    (16384, 7168, 2048, "V3 7168 -> 2048"),
+    (16384, 2048, 7168, "V3 2048 -> 7168"),
+    (8192, 8192, 8192, "square"),
+]
+QUICK_GEMM = [(1024, 1024, 1024, "quick"), (2048, 1536, 2048, "quick")]
+QUICK_GROUPED = [(4, 2048, 512, 1024, "quick"), (8, 2048, 1024, 512, "quick")]
+QUICK_LINEAR = [(2048, 1024, 512, "quick")]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
+    """Median milliseconds of one call of `fn`: CUDA events around each call on the GPU (no L2 flush
+    between calls), perf_counter on the CPU (wiring smoke tests only)."""
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    reps = min(max(int(rep_ms / estimate), 20), 2000)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def measure(row: dict, impls: dict[str, Callable[[], object]], flops: float, args, device) -> None:
+    """row[name] = TFLOP/s of each implementation, or None and row[name_error] = the first line of
+    its exception."""
+    for name, fn in impls.items():
+        try:
+            ms = median_ms(fn, device, args.warmup_ms, args.rep_ms)
+            row[name] = round(flops / ms / 1e9, 1)
+        except Exception as e:  # a peer that does not take this shape (or a kernel that is not there)
+            row[name] = None
+            row[f"{name}_error"] = _first_line(e)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+
+def add_ratios(row: dict, pairs: list[tuple[str, str]]) -> None:
+    for ours, peer in pairs:
+        if row.get(ours) and row.get(peer):
+            row[f"ratio_{ours}_vs_{peer}"] = round(row[ours] / row[peer], 3)
+
+
+def rel_err(row: dict, name: str, fn: Callable[[], torch.Tensor], reference: torch.Tensor) -> None:
+    if row.get(name) is None:
+        return
+    try:
+        with torch.no_grad():
+            out = fn().float()
+            ref = reference.float()
+            row[f"rel_err_{name}"] = round(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item(), 4)
+    except Exception as e:
+        row[f"rel_err_{name}_error"] = _first_line(e)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------- moetron
+def moetron_fp8():
+    """The FP8 kernels module, or the ImportError as a string (rows then record it per implementation)."""
+    try:
+        from moetron.kernels import fp8
+
+        return fp8
+    except Exception as e:
+        return _first_line(e)
+
+
+def _need(module):
+    if isinstance(module, str):
+        raise RuntimeError(f"moetron.kernels.fp8 unavailable ({module})")
+    return module
+
+
+def quantize_weight_grouped(fp8, w: torch.Tensor):
+    """(E, N, K) -> 128x128-block quantized (E, N, K) e4m3 and (E, ceil(N/128), K/128) scales, one
+    quantize_128x128 per expert (N % 128 == 0 lets the experts share one call)."""
+    n_experts, n, k = w.shape
+    if n % 128 == 0:
+        q, s = fp8.quantize_128x128(w.reshape(n_experts * n, k))
+        return q.view(n_experts, n, k), s.view(n_experts, n // 128, k // 128)
+    pairs = [fp8.quantize_128x128(w[e]) for e in range(n_experts)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def rowwise(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 copy of x with one fp32 scale per row (dim=1) or per column (dim=0), as cuBLAS rowwise takes."""
+    scale = x.abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale
+
+
+def tensorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale
+
+
+def gemm_rows(shapes, args, device) -> list[dict]:
+    fp8 = moetron_fp8()
+    return [_report(gemm_row(m, n, k, label, fp8, args, device)) for m, n, k, label in shapes]
+
+
+def gemm_row(m, n, k, label, fp8, args, device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen)  # (N, K): a linear's weight
+    row = {"section": "gemm", "shape": {"M": m, "N": n, "K": k}, "what": label}
+    impls: dict[str, Callable[[], torch.Tensor]] = {}
+    try:
+        f = _need(fp8)
+        aq, a_s = f.quantize_1x128(a)
+        bq, b_s = f.quantize_128x128(b)
+        impls["moetron_fp8"] = lambda: f.fp8_gemm(aq, a_s, bq, b_s, out_dtype=torch.bfloat16)
+        impls["moetron_fp8_quant"] = lambda: f.fp8_gemm(
+            *f.quantize_1x128(a), *f.quantize_128x128(b), out_dtype=torch.bfloat16
+        )
+    except Exception as e:
+        for name in ("moetron_fp8", "moetron_fp8_quant"):
+            row[name], row[f"{name}_error"] = None, _first_line(e)
+    impls["torch_bf16"] = lambda: torch.matmul(a, b.t())
+    a_t, a_ts = tensorwise(a)
+    b_t, b_ts = tensorwise(b)
+    impls["scaled_mm_tensorwise"] = lambda: torch._scaled_mm(
+        a_t, b_t.t(), scale_a=a_ts, scale_b=b_ts, out_dtype=torch.bfloat16
+    )
+    a_r, a_rs = rowwise(a, dim=1)  # scale (M, 1)
+    b_r, b_rs = rowwise(b, dim=1)  # scale (N, 1) -> (1, N) for b^T
+    b_rs = b_rs.t().contiguous()
+    impls["scaled_mm_rowwise"] = lambda: torch._scaled_mm(
+        a_r, b_r.t(), scale_a=a_rs, scale_b=b_rs, out_dtype=torch.bfloat16
+    )
+    measure(row, impls, 2.0 * m * n * k, args, device)
+    reference = torch.matmul(a, b.t())
+    for name in ("moetron_fp8", "scaled_mm_tensorwise", "scaled_mm_rowwise"):
+        if name in impls:
+            rel_err(row, name, impls[name], reference)
+    add_ratios(
+        row,
+        [
+            ("moetron_fp8", "scaled_mm_rowwise"),
+            ("moetron_fp8", "scaled_mm_tensorwise"),
+            ("moetron_fp8", "torch_bf16"),
+            ("moetron_fp8_quant", "scaled_mm_rowwise"),
+            ("moetron_fp8_quant", "torch_bf16"),
+        ],
+    )
+    return row
+
+
+def group_sizes(n_experts: int, total: int, aligned: bool, seed: int = 0) -> list[int]:
+    """Tokens per expert, realistically uneven: multinomial over softmax(0.6 * N(0, 1)) expert
+    probabilities from a fixed seed (the most loaded expert gets ~2x the mean); `aligned` rounds
+    each up to a multiple of 128 (so the total grows by < 128 per expert)."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(0.6 * torch.randn(n_experts, generator=gen), dim=0)
+    picks = torch.multinomial(probs, total, replacement=True, generator=gen)
+    sizes = torch.bincount(picks, minlength=n_experts).tolist()
+    if aligned:
+        sizes = [(s + 127) // 128 * 128 for s in sizes]
+    return sizes
+
+
+def grouped_rows(shapes, args, device) -> list[dict]:
+    fp8 = moetron_fp8()
+    return [
+        _report(grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device))
+        for n_experts, total, n, k, label in shapes
+        for aligned in (False, True)
+    ]
+
+
+def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> dict:
+    sizes = group_sizes(n_experts, total, aligned)
+    m = sum(sizes)
+    ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n_experts, n, k, device=device, dtype=torch.bfloat16, generator=gen)  # (E, N, K)
+    row = {
+        "section": "grouped", "shape": {"experts": n_experts, "M": m, "N": n, "K": k},
+        "what": f"{label}, {'aligned to 128' if aligned else 'unaligned'} groups",
+        "group_sizes": sizes,
+    }  # fmt: skip
+    impls: dict[str, Callable[[], torch.Tensor]] = {}
+    try:
+        f = _need(fp8)
+        xq, x_s = f.quantize_1x128(x)
+        wq, w_s = quantize_weight_grouped(f, w)
+        impls["moetron_fp8"] = lambda: f.fp8_grouped_gemm(xq, x_s, wq, w_s, ends, out_dtype=torch.bfloat16)
+        impls["moetron_fp8_quant"] = lambda: f.fp8_grouped_gemm(
+            *f.quantize_1x128(x), *quantize_weight_grouped(f, w), ends, out_dtype=torch.bfloat16
+        )
+    except Exception as e:
+        for name in ("moetron_fp8", "moetron_fp8_quant"):
+            row[name], row[f"{name}_error"] = None, _first_line(e)
+    impls["grouped_mm_bf16"] = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
+    x_r, x_rs = rowwise(x, dim=1)  # (M, 1)
+    w_r, w_rs = rowwise(w, dim=2)  # (E, N, 1)
+    x_rs, w_rs = x_rs.reshape(m), w_rs.reshape(n_experts, n)
+    impls["scaled_grouped_mm_rowwise"] = lambda: torch._scaled_grouped_mm(
+        x_r, w_r.transpose(-2, -1), x_rs, w_rs, offs=ends, out_dtype=torch.bfloat16
+    )
+    measure(row, impls, 2.0 * m * n * k, args, device)
+    try:
+        reference = torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
+    except Exception:  # no _grouped_mm here (old GPU): the per-expert loop
+        from moetron.kernels.grouped_gemm import grouped_gemm_reference
+
+        reference = grouped_gemm_reference(x, w, ends)
+    for name in ("moetron_fp8", "scaled_grouped_mm_rowwise"):
+        if name in impls:
+            rel_err(row, name, impls[name], reference)
+    add_ratios(
+        row,
+        [
+            ("moetron_fp8", "grouped_mm_bf16"),
+            ("moetron_fp8", "scaled_grouped_mm_rowwise"),
+            ("moetron_fp8_quant", "grouped_mm_bf16"),
+        ],
+    )
+    return row
+
+
+def make_fp8_linear(in_features: int, out_features: int, device, dtype) -> nn.Module:
+    from moetron.kernels.fp8_linear import FP8Linear
+
+    return FP8Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+
+def linear_rows(shapes, args, device) -> list[dict]:
+    return [_report(linear_row(tokens, d_in, d_out, label, args, device)) for tokens, d_in, d_out, label in shapes]
+
+
+def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
+    row = {"section": "linear", "shape": {"M": tokens, "N": d_out, "K": d_in}, "what": f"fwd+bwd, {label}"}
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16, generator=gen)
+    torch.manual_seed(0)
+    bf16 = nn.Linear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16)
+    layers: dict[str, nn.Module] = {"torch_bf16": bf16}
+    try:
+        fp8_layer = make_fp8_linear(d_in, d_out, device, torch.bfloat16)
+        with torch.no_grad():
+            fp8_layer.weight.copy_(bf16.weight)
+        layers["moetron_fp8"] = fp8_layer
+    except Exception as e:
+        row["moetron_fp8"], row["moetron_fp8_error"] = None, _first_line(e)
+
+    def fwd_bwd(layer):
+        def step():
+            x.grad = None
+            layer.weight.grad = None
+            layer(x).backward(grad)
+
+        return step
+
+    impls = {name: fwd_bwd(layer) for name, layer in layers.items()}
+    measure(row, impls, 3 * 2.0 * tokens * d_out * d_in, args, device)
+    if row.get("moetron_fp8") is not None:
+        try:  # forward output and both gradients against the bf16 layer
+            x.grad = bf16.weight.grad = None  # the timing loop left its last gradients
+            y_ref = bf16(x)
+            y_ref.backward(grad)
+            dx_ref, dw_ref = x.grad.clone(), bf16.weight.grad.clone()
+            x.grad = None
+            fp8_layer.weight.grad = None
+            y = fp8_layer(x)
+            y.backward(grad)
+            for what, got, ref in (("y", y, y_ref), ("dx", x.grad, dx_ref), ("dw", fp8_layer.weight.grad, dw_ref)):
+                got, ref = got.float(), ref.float()
+                row[f"rel_err_moetron_fp8_{what}"] = round(((got - ref).norm() / ref.norm()).item(), 4)
+        except Exception as e:
+            row["rel_err_moetron_fp8_error"] = _first_line(e)
+    add_ratios(row, [("moetron_fp8", "torch_bf16")])
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- report
+COLUMNS = {
+    "gemm": ["moetron_fp8", "moetron_fp8_quant", "torch_bf16", "scaled_mm_tensorwise", "scaled_mm_rowwise"],
+    "grouped": ["moetron_fp8", "moetron_fp8_quant", "grouped_mm_bf16", "scaled_grouped_mm_rowwise"],
+    "linear": ["moetron_fp8", "torch_bf16"],
+}
+
+
+def _report(row: dict) -> dict:
+    print(json.dumps({k: v for k, v in row.items() if k != "group_sizes"}), flush=True)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    for section, columns in COLUMNS.items():
+        chosen = [r for r in rows if r["section"] == section]
+        if not chosen:
+            continue
+        ratio_keys = sorted({k for r in chosen for k in r if k.startswith("ratio_")})
+        header = ["shape", "what", *columns, *(k.removeprefix("ratio_") for k in ratio_keys)]
+        print(f"\n{section} (TFLOP/s; shape M x N x K{', E experts' if section == 'grouped' else ''})")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in chosen:
+            shape = "x".join(str(r["shape"][k]) for k in "MNK")
+            if "experts" in r["shape"]:
+                shape = f"E={r['shape']['experts']} {shape}"
+            cells = [shape, r["what"], *(_cell(r.get(c)) for c in columns), *(_cell(r.get(k)) for k in ratio_keys)]
+            print("| " + " | ".join(cells) + " |")
+        errors = sorted(
+            {f"{k.removesuffix('_error')}: {v}" for r in chosen for k, v in r.items() if k.endswith("_error")}
+        )
+        for line in errors:
+            print(f"  error {line}")
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the results as JSON here (bench/results/fp8.json)")
+    parser.add_argument("--git-sha", default="unknown")
+    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test of every path")
+    parser.add_argument("--sections", default="gemm,grouped,linear", help="comma-separated subset")
+    parser.add_argument("--warmup-ms", type=float, default=50.0)
+    parser.add_argument("--rep-ms", type=float, default=300.0, help="timed calls per case: about this long")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda; or cpu to check the wiring with --quick (timings meaningless)"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(
+                "bench/fp8.py: no CUDA device visible. It times FP8 GEMMs on a GPU with FP8 tensor cores "
+                "(compute capability >= 8.9; H100/H200); on a CPU only `--device cpu --quick` runs, to check "
+                "the wiring (no meaningful timings)."
+            )
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            sys.exit(
+                f"bench/fp8.py: {torch.cuda.get_device_name()} has compute capability {capability}; FP8 needs >= 8.9"
+            )
+    elif not args.quick:
+        sys.exit("bench/fp8.py: --device cpu is a wiring check and needs --quick")
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(COLUMNS)
+    if unknown:
+        sys.exit(f"bench/fp8.py: unknown --sections {sorted(unknown)}; valid: {list(COLUMNS)}")
+
+    start = time.time()
+    rows: list[dict] = []
+    if "gemm" in sections:
+        rows += gemm_rows(QUICK_GEMM if args.quick else GEMM_SHAPES, args, device)
+    if "grouped" in sections:
+        rows += grouped_rows(QUICK_GROUPED if args.quick else GROUPED_SHAPES, args, device)
+    if "linear" in sections:
+        rows += linear_rows(QUICK_LINEAR if args.quick else LINEAR_SHAPES, args, device)
+    print_table(rows)
+    print(f"\n{time.time() - start:.0f} s")
+
+    if args.out:
+        out = {
+            "benchmark": "fp8", "unit": "TFLOP/s", "command": " ".join(sys.argv), "git_sha": args.git_sha,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+            "timing": f"CUDA events per call, median, warm-up {args.warmup_ms} ms, ~{args.rep_ms} ms of calls, no flush",
+            "results": rows,
+        }  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

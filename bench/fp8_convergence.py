@@ -1,0 +1,337 @@
+"""FP8 vs BF16 convergence: the same model, seed and data trained twice, once with bf16 GEMMs
+(`model.fp8.enabled=false`) and once with block-scaled FP8 GEMMs (`model.fp8.enabled=true`), in one
+process through `moetron.train.run`; the loss curves side by side.
+
+Target (issue 5): the final loss of the FP8 run within 1% of the BF16 run, final loss = mean of the
+last 10 steps both runs completed (the same steps, hence the same learning rates and batches).
+Step 1 sees identical weights and data, so its two losses differ only by FP8 rounding; a large
+step-1 difference means the two runs did not start from the same model.
+
+The BF16 run goes first, so a failing FP8 run still leaves a baseline. The JSON is rewritten every 25
+steps and after each run (`"complete": false` until both finished), so a run cut off by a time
+limit keeps what it measured. `--budget-s` stops the runs early instead (the BF16 run by half the
+budget, the FP8 run by all of it); the comparison then uses the steps both completed and says so
+(`comparison.all_steps_compared: false`).
+
+No checkpoints (the run is stopped from its step callback after the last step, before the trainer's
+final save: a 2.5B-parameter checkpoint with its optimizer is ~40 GB), no evaluation, no wandb.
+
+Cost of the defaults (deepseek_v3_mini, 300 steps of 4 x 2048 tokens, full activation checkpointing):
+bench/results/train_throughput*.json measured ~19k tokens/s for this setting on one H100, 0.43 s a
+step, so ~130 s of BF16 steps plus start-up (kernel autotuning on the first step); the FP8 run adds
+the tuning of its GEMMs. The built-in corpus holds ~0.33M training tokens, so 2.5M tokens are ~7.5
+epochs: a numerics comparison, not a language-modelling result.
+
+    python bench/fp8_convergence.py --out bench/results/fp8_convergence.json --git-sha SHA
+    python bench/fp8_convergence.py --steps 3 --device cpu --seq-len 64 --micro-batch 2 --out /tmp/c.json \\
+        --model moe_debug --override model.q_lora_rank=128 model.kv_lora_rank=128 model.moe_ffn_hidden=128
+    python bench/plot_fp8_convergence.py bench/results/fp8_convergence.json   # -> fp8_convergence.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_REL_DIFF = 0.01
+FINAL_WINDOW = 10  # final loss = mean over this many last steps
+CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "step_s", "tokens_per_sec")
+
+
+class _Stop(Exception):
+    """Raised from the step callback after the last step (or at the deadline): ends Trainer.fit before
+    its final checkpoint."""
+
+
+class Recorder:
+    """Step callback: per-step losses, gradient norm and wall time; progress lines; deadline."""
+
+    def __init__(self, name: str, steps: int, deadline: float | None, on_progress):
+        self.name, self.steps, self.deadline, self.on_progress = name, steps, deadline, on_progress
+        self.curve: dict[str, list] = {key: [] for key in ("step", *CURVE_KEYS)}
+        self.start = time.perf_counter()
+        self.first_step_at_s: float | None = None
+        self.prev: float | None = None
+        self.skipped_steps = 0
+        self.peak_mem_gb: float | None = None
+        self.stopped_early = False
+
+    def __call__(self, trainer, step: int, result) -> None:
+        now = time.perf_counter()
+        step_s = now - self.prev if self.prev is not None else None  # step 1 also holds warm-up and tuning
+        self.prev = now
+        if self.first_step_at_s is None:
+            self.first_step_at_s = now - self.start
+        losses = result.losses
+        row = {
+            "step": step, "loss": losses.get("loss"), "lm_loss": losses.get("lm_loss"),
+            "mtp_loss": losses.get("mtp_loss"), "balance_loss": losses.get("balance_loss"),
+            "grad_norm": _finite(result.grad_norm), "step_s": step_s,
+            "tokens_per_sec": result.tokens / step_s if step_s else None,
+        }  # fmt: skip
+        for key, value in row.items():
+            self.curve[key].append(step if key == "step" else _finite(value))
+        self.skipped_steps += int(result.skipped)
+        if torch.cuda.is_available() and trainer.device.type == "cuda":
+            self.peak_mem_gb = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        if step % 25 == 0 or step == self.steps or step == 1:
+            done = now - self.start
+            rate = _median(self.curve["step_s"][1:])
+            eta = f", ETA {rate * (self.steps - step):.0f} s" if rate else ""
+            print(
+                f"[{self.name}] step {step}/{self.steps} loss {_finite(row['loss']) or float('nan'):.4f} "
+                f"({done:.0f} s{eta}{', ' + format(rate, '.3f') + ' s/step' if rate else ''})",
+                flush=True,
+            )
+            self.on_progress()
+        if step >= self.steps:
+            raise _Stop
+        if self.deadline is not None and time.time() > self.deadline:
+            self.stopped_early = True
+            print(f"[{self.name}] --budget-s reached: stopping at step {step}", flush=True)
+            raise _Stop
+
+    def summary(self) -> dict:
+        skip = 5 if len(self.curve["step"]) > 10 else 1  # past warm-up and autotuning
+        step_s = [s for s in self.curve["step_s"][skip:] if s]
+        tps = [t for t in self.curve["tokens_per_sec"][skip:] if t]
+        return {
+            "steps_done": len(self.curve["step"]),
+            "stopped_early": self.stopped_early,
+            "skipped_steps": self.skipped_steps,
+            "wall_s": round(time.perf_counter() - self.start, 1),
+            "first_step_at_s": None if self.first_step_at_s is None else round(self.first_step_at_s, 1),
+            "step_s_median": _median(step_s),
+            "tokens_per_sec_median": _median(tps),
+            "peak_mem_gb": None if self.peak_mem_gb is None else round(self.peak_mem_gb, 2),
+            "curve": self.curve,
+        }
+
+
+def _finite(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import moetron.train  # noqa: F401  (registers the TrainConfig schema with Hydra)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def common_overrides(args) -> list[str]:
+    return [
+        f"model={args.model}",
+        f"data.seq_len={args.seq_len}",
+        f"data.micro_batch_size={args.micro_batch}",
+        f"trainer.steps={args.steps}",
+        f"optim.warmup_steps={args.warmup_steps if args.warmup_steps is not None else min(20, args.steps // 10)}",
+        f"trainer.seed={args.seed}",
+        f"trainer.device={args.device}",
+        f"trainer.activation_checkpointing={args.activation_checkpointing}",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.resume=none",
+        "logging=quiet",
+        "logging.console=false",
+        "logging.log_every=10",
+        *args.override,
+    ]
+
+
+class Report:
+    """The output JSON, rewritten on every progress line of a run in flight and after each run."""
+
+    def __init__(self, path: str, out: dict):
+        self.path, self.out = Path(path), out
+        self.live: dict[str, Recorder] = {}  # runs in flight
+        self.t0 = time.perf_counter()
+
+    def save(self) -> None:
+        for name, recorder in self.live.items():
+            self.out["runs"].setdefault(name, {}).update(recorder.summary())
+        self.out["total_wall_s"] = round(time.perf_counter() - self.t0, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.out, indent=1) + "\n")
+
+
+def train_one(name: str, overrides: list[str], run_dir: Path, steps: int, deadline, report: Report) -> dict:
+    from moetron.train import run
+
+    cfg = compose(overrides)
+    recorder = Recorder(name, steps, deadline, report.save)
+    report.live[name] = recorder
+    print(f"[{name}] overrides: {' '.join(overrides)}", flush=True)
+    record = {"overrides": overrides, "run_dir": str(run_dir)}
+    try:
+        run(cfg, run_dir=str(run_dir), callbacks=[recorder])
+    except _Stop:
+        pass
+    except Exception:  # keep the other run's results; the error goes into the JSON
+        record["error"] = traceback.format_exc()[-3000:]
+        print(f"[{name}] FAILED:\n{record['error']}", file=sys.stderr, flush=True)
+    finally:
+        report.live.pop(name)
+    record.update(recorder.summary())
+    report.out["runs"][name] = record
+    report.save()
+    print(
+        f"[{name}] {record['steps_done']} steps in {record['wall_s']} s (first step done at "
+        f"{record['first_step_at_s']} s; median {record['step_s_median']} s/step, "
+        f"{record['tokens_per_sec_median']} tokens/s)",
+        flush=True,
+    )
+    return record
+
+
+def compare(bf16: dict, fp8: dict) -> dict:
+    """Final losses over the last FINAL_WINDOW steps both runs completed, their relative difference,
+    the step-1 difference (same weights, same batch) and the throughput ratio."""
+    n = min(len(bf16["curve"]["loss"]), len(fp8["curve"]["loss"]))
+    out: dict = {"steps_compared": n, "target_rel_diff": TARGET_REL_DIFF, "final_window": FINAL_WINDOW}
+    if n == 0:
+        out["passed"] = False
+        return out
+    lo = max(0, n - FINAL_WINDOW)
+    for key in ("loss", "lm_loss"):
+        a = [v for v in bf16["curve"][key][lo:n] if v is not None]
+        b = [v for v in fp8["curve"][key][lo:n] if v is not None]
+        if not a or not b:
+            continue
+        fa, fb = statistics.mean(a), statistics.mean(b)
+        suffix = "" if key == "loss" else f"_{key}"
+        out[f"final_loss_bf16{suffix}"] = fa
+        out[f"final_loss_fp8{suffix}"] = fb
+        out[f"rel_diff{suffix}"] = (fb - fa) / abs(fa)  # > 0: FP8 above BF16
+    s1a, s1b = bf16["curve"]["loss"][0], fp8["curve"]["loss"][0]
+    if s1a is not None and s1b is not None:
+        out["step1_loss_bf16"], out["step1_loss_fp8"] = s1a, s1b
+        out["step1_rel_diff"] = (s1b - s1a) / abs(s1a)
+    pairs = [(x, y) for x, y in zip(bf16["curve"]["loss"][:n], fp8["curve"]["loss"][:n]) if x and y]
+    if pairs:
+        out["max_abs_rel_diff_per_step"] = max(abs(y - x) / abs(x) for x, y in pairs)
+    if bf16.get("tokens_per_sec_median") and fp8.get("tokens_per_sec_median"):
+        out["fp8_over_bf16_tokens_per_sec"] = fp8["tokens_per_sec_median"] / bf16["tokens_per_sec_median"]
+    # passed: judged on the compared steps; all_steps_compared says whether those were all --steps
+    out["all_steps_compared"] = n == bf16["steps_done"] == fp8["steps_done"] and not (
+        bf16.get("error") or fp8.get("error") or bf16.get("stopped_early") or fp8.get("stopped_early")
+    )
+    out["passed"] = bool("rel_diff" in out and abs(out["rel_diff"]) < TARGET_REL_DIFF)
+    return out
+
+
+def git_sha() -> str:
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return proc.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON results (bench/results/fp8_convergence.json)")
+    parser.add_argument("--git-sha", default=None, help="default: git rev-parse HEAD, if this is a checkout")
+    parser.add_argument("--model", default="deepseek_v3_mini", help="model preset")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step (tokens = this * seq-len)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: min(20, steps // 10)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--activation-checkpointing", default="full", help="none | selective | full")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for both runs")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop early to finish within this wall time")
+    parser.add_argument("--only", choices=["bf16", "fp8"], default=None, help="run one of the two (debugging)")
+    parser.add_argument("--work", default="/tmp/moetron-fp8-convergence", help="run directories (metrics.jsonl)")
+    args = parser.parse_args()
+
+    started, t0 = time.time(), time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(args.work) / stamp
+    common = common_overrides(args)
+    import triton
+
+    out = {
+        "benchmark": "fp8_convergence", "command": " ".join(sys.argv), "git_sha": args.git_sha or git_sha(),
+        "device": device_name(args.device), "torch": torch.__version__, "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"), "model": args.model, "steps": args.steps,
+        "tokens_per_step": args.seq_len * args.micro_batch, "common_overrides": common,
+        "fp8_override": "model.fp8.enabled=true", "complete": False, "runs": {},
+    }  # fmt: skip
+
+    report = Report(args.out, out)
+    names = [args.only] if args.only else ["bf16", "fp8"]
+    for i, name in enumerate(names):
+        deadline = None
+        if args.budget_s:
+            deadline = started + args.budget_s * (0.5 if i == 0 and len(names) == 2 else 1.0)
+        flag = "true" if name == "fp8" else "false"
+        overrides = [*common, f"model.fp8.enabled={flag}", f"trainer.run_dir={work / name}"]
+        train_one(name, overrides, work / name, args.steps, deadline, report)
+        gc.collect()  # the first model, optimizer and activations go before the second is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            print(f"[{name}] done; {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated", flush=True)
+
+    if len(names) == 2:
+        out["comparison"] = compare(out["runs"]["bf16"], out["runs"]["fp8"])
+    out["complete"] = all(not r.get("error") and not r["stopped_early"] for r in out["runs"].values())
+    report.save()
+
+    print(f"\n{'run':6} {'steps':>5} {'wall s':>7} {'s/step':>7} {'tokens/s':>9} {'final loss':>10} {'peak GiB':>8}")
+    for name, r in out["runs"].items():
+        c = r["curve"]["loss"]
+        last = [v for v in c[-FINAL_WINDOW:] if v is not None]
+        final = statistics.mean(last) if last else float("nan")
+        print(
+            f"{name:6} {r['steps_done']:>5} {r['wall_s']:>7.0f} {r['step_s_median'] or float('nan'):>7.3f} "
+            f"{r['tokens_per_sec_median'] or float('nan'):>9.0f} {final:>10.4f} {r['peak_mem_gb'] or float('nan'):>8}"
+        )
+    comparison = out.get("comparison")
+    if comparison:
+        if "rel_diff" in comparison:
+            print(
+                f"final loss (mean of last {FINAL_WINDOW} of {comparison['steps_compared']} steps): "
+                f"bf16 {comparison['final_loss_bf16']:.4f}, fp8 {comparison['final_loss_fp8']:.4f}, "
+                f"relative difference {comparison['rel_diff']:+.3%} (target < {TARGET_REL_DIFF:.0%}): "
+                f"{'PASS' if comparison['passed'] else 'FAIL'}"
+                + ("" if comparison["all_steps_compared"] else " (on the steps both runs completed only)")
+            )
+        if "step1_rel_diff" in comparison:
+            print(f"step-1 loss relative difference {comparison['step1_rel_diff']:+.4%} (same weights and batch)")
+    print(f"total {time.perf_counter() - t0:.0f} s; results in {args.out}")
+    if any(r.get("error") for r in out["runs"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Plot of bench/fp8_convergence.py's JSON: the BF16 and FP8 loss curves (raw and smoothed) and their
+relative difference per step, with the final losses and the < 1% target annotated.
+
+Needs matplotlib (`pip install -e ".[bench]"`); runs on the CPU machine after the GPU run.
+
+    python bench/plot_fp8_convergence.py bench/results/fp8_convergence.json   # -> bench/results/fp8_convergence.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+COLORS = {"bf16": "tab:blue", "fp8": "tab:orange"}
+
+
+def ema(values: list[float | None], decay: float) -> list[float]:
+    """Exponential moving average with bias correction (the first points are not pulled toward 0);
+    missing values (skipped steps) hold the average and plot as gaps."""
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(math.nan)
+            continue
+        avg = decay * avg + (1 - decay) * v
+        weight = decay * weight + (1 - decay)
+        out.append(avg / weight)
+    return out
+
+
+def nan_for_none(values):
+    return [math.nan if v is None else v for v in values]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", default="bench/results/fp8_convergence.json")
+    parser.add_argument("--out", default=None, help="PNG path (default: the results path with .png)")
+    parser.add_argument("--key", default="loss", choices=["loss", "lm_loss"], help="which loss to plot")
+    parser.add_argument("--ema", type=float, default=0.9, help="smoothing decay of the thick curves")
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(args.results).read_text())
+    runs = {name: run for name, run in data["runs"].items() if run.get("curve", {}).get("step")}
+    if not runs:
+        raise SystemExit(f"{args.results}: no run has any steps")
+    out_path = Path(args.out) if args.out else Path(args.results).with_suffix(".png")
+
+    fig, (ax_loss, ax_diff) = plt.subplots(
+        2, 1, figsize=(10, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}, constrained_layout=True
+    )
+    for name, run in runs.items():
+        steps, values = run["curve"]["step"], run["curve"][args.key]
+        color = COLORS.get(name)
+        ax_loss.plot(steps, nan_for_none(values), color=color, alpha=0.25, linewidth=0.8)
+        tps = run.get("tokens_per_sec_median")
+        label = f"{name.upper()} (EMA {args.ema})" + (f", {tps:,.0f} tokens/s" if tps else "")
+        ax_loss.plot(steps, ema(values, args.ema), color=color, linewidth=2, label=label)
+    ax_loss.set_ylabel(args.key)
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(loc="upper right")
+
+    comparison = data.get("comparison", {})
+    suffix = "" if args.key == "loss" else f"_{args.key}"
+    lines = []
+    if f"rel_diff{suffix}" in comparison:
+        window, n = comparison.get("final_window", 10), comparison["steps_compared"]
+        rel = comparison[f"rel_diff{suffix}"]
+        target = comparison.get("target_rel_diff", 0.01)
+        verdict = "PASS" if abs(rel) < target and comparison.get("passed", True) else "FAIL"
+        lines += [
+            f"final {args.key} (mean of last {window} of {n} steps)",
+            f"BF16 {comparison[f'final_loss_bf16{suffix}']:.4f}   FP8 {comparison[f'final_loss_fp8{suffix}']:.4f}",
+            f"relative difference {rel:+.3%}  (target < {target:.0%}: {verdict})",
+        ]
+    if "step1_rel_diff" in comparison:
+        lines.append(f"step 1 (same weights and batch): {comparison['step1_rel_diff']:+.3%}")
+    if "fp8_over_bf16_tokens_per_sec" in comparison:
+        lines.append(f"throughput FP8 / BF16: {comparison['fp8_over_bf16_tokens_per_sec']:.2f}x")
+    if lines:
+        ax_loss.text(
+            0.98, 0.55, "\n".join(lines), transform=ax_loss.transAxes, ha="right", va="center", fontsize=9,
+            family="monospace", bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+        )  # fmt: skip
+
+    if {"bf16", "fp8"} <= runs.keys():
+        a, b = runs["bf16"]["curve"], runs["fp8"]["curve"]
+        n = min(len(a["step"]), len(b["step"]))
+        rel = [
+            None if x is None or y is None or x == 0 else 100 * (y - x) / abs(x)
+            for x, y in zip(a[args.key][:n], b[args.key][:n])
+        ]
+        ax_diff.plot(a["step"][:n], nan_for_none(rel), color="0.6", linewidth=0.8, alpha=0.6, label="per step")
+        ax_diff.plot(a["step"][:n], ema(rel, args.ema), color="tab:red", linewidth=1.8, label=f"EMA {args.ema}")
+        target = 100 * comparison.get("target_rel_diff", 0.01)
+        for y in (-target, target):
+            ax_diff.axhline(y, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.6)
+        ax_diff.axhline(0, color="black", linewidth=0.6)
+        ax_diff.legend(loc="upper right", fontsize=8)
+    ax_diff.set_ylabel("(FP8 - BF16) / BF16  [%]")
+    ax_diff.set_xlabel("step")
+    ax_diff.grid(alpha=0.3)
+
+    sha = (data.get("git_sha") or "unknown")[:10]
+    ax_loss.set_title(
+        f"FP8 vs BF16 training, {data.get('model')}: {data.get('tokens_per_step', '?')} tokens/step, "
+        f"{data.get('device')}, {data.get('date')}, {sha}" + ("" if data.get("complete") else "  [INCOMPLETE]"),
+        fontsize=10,
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""FP8 linear layers: `FP8Linear` (an nn.Linear whose three GEMMs run in block-scaled FP8) and
+`fp8_grouped_linear` (the same for mixture-of-experts weights over tokens sorted by expert).
+
+DeepSeek-V3's recipe (report section 3.3): activations and gradients are quantized in 1x128 tiles,
+weights in 128x128 blocks, each GEMM accumulates in fp32 with the scales applied per 128-wide block
+(`moetron.kernels.fp8`). Master weights, their gradients and the optimizer stay in fp32/bf16: the
+module quantizes its weight on the fly. For y = x W^T (x (M, K), W (N, K)):
+
+    forward  y  = x W^T    x: 1x128 tiles along K          W: 128x128 blocks
+    dgrad    dX = dY W     dY: 1x128 tiles along N         W^T: the same blocks, transposed (exact)
+    wgrad    dW = dY^T X   dY^T, X^T: 1x128 tiles along M (the tokens), M zero-padded to a multiple of 128
+
+What is saved for backward: the FP8 activation the weight gradient reads, x^T already quantized in
+1x128 tiles along the tokens (`quantize_1x128_t`, 1 byte per element + one fp32 scale per 128, about
+half of a bf16 x). DeepSeek-V3 caches x in the forward's 1x128 layout and, for the wgrad, dequantizes,
+transposes and re-quantizes it (their section 3.5.2 asks hardware for a fused transpose); quantizing
+x^T in the forward costs one more read of x but stores the same bytes and rounds x only once. The
+weight is not saved quantized: the backward re-quantizes the (saved by reference, so free) master
+weight, which gives the same FP8 weight (quantization is deterministic) for one extra read of W,
+instead of holding N*K bytes per layer for every micro-batch in flight.
+
+Shapes FP8 needs: in_features % 128 == 0 (the forward reduces over it in 128-wide blocks).
+out_features may be anything: when it is not a multiple of 128 (MLA's kv_a_proj, 512 + 64 wide) the
+dgrad pads dY and W with zero rows up to the next multiple of 128; zeros change no tile's amax, so
+the result is the unpadded one. `fp8_grouped_linear` needs both dims multiples of 128, and each
+expert's group of rows must start at a multiple of 128 (the MoE layer pads its dispatch for that).
+
+Error bound (asserted by tests/kernels/test_fp8_linear.py). e4m3 has 3 mantissa bits, so rounding a
+scaled element to nearest has relative error |d| <= u = 2^-4 in the normal range; each tile's amax
+maps to 448, so every element above amax * 2^-14 is normal, and below that the absolute error is at
+most 2^-10 of the tile scale (< 2.2e-6 amax; twice that with power-of-two scales). For one output y = sum_k a_k b_k of a GEMM whose two
+operands were rounded with relative errors d_k, e_k (the product and the fp32 accumulation add ~2^-24):
+
+* elementwise, any data:  |y_fp8 - y| <= (2u + u^2) * sum_k |a_k| |b_k|  (+ the subnormal term);
+* normwise, operands with independent random signs: the error terms a_k b_k (d_k + e_k) are
+  uncorrelated with zero mean, so E (y_fp8 - y)^2 = sum_k a_k^2 b_k^2 E(d + e)^2 while
+  E y^2 = sum_k a_k^2 b_k^2. The relative error ||y_fp8 - y|| / ||y|| is sqrt(E d^2 + E e^2),
+  independent of K. Bounding each rounding by a relative error uniform on [-u, u] (E d^2 = u^2/3)
+  gives sqrt(2/3) * u = 0.051; a mantissa spread log-uniformly over its binade has E d^2 = 0.18 u^2,
+  so ~0.6 u = 0.037 is typical. A bf16 output adds at most 2^-8 relative (RMS 0.0023).
+  This holds for all three GEMMs (y, dX, dW); correlated operands (cancellation) can exceed it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetron.kernels.fp8 import (
+    SCALE_BLOCK,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_wgrad,
+    quantize_1x128,
+    quantize_1x128_t,
+    quantize_128x128,
+)
+
+FP8_BLOCK = SCALE_BLOCK  # 128: width of a quantization tile and of a scaled partial product
+FP8_UNIT_ROUNDOFF = 2.0**-4  # e4m3: 3 mantissa bits, round to nearest
+# Normwise relative error of an FP8 GEMM with random-sign operands (see the module docstring).
+FP8_GEMM_RELATIVE_ERROR = math.sqrt(2.0 / 3.0) * FP8_UNIT_ROUNDOFF
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """What nn.Linear would return: the autocast dtype under autocast, else the input's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (n, k) with zero rows appended up to `rows`."""
+    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    return t if t.shape[1] == cols else F.pad(t, (0, cols - t.shape[1]))
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
+
+    forward(x (..., K), weight (N, K), bias (N,) or None, pow2_scales, backend) -> (..., N) in the
+    autocast dtype under autocast, else x's dtype. The bias is added in fp32 to the fp32 GEMM output.
+    Gradients come back in the dtypes of x, weight and bias.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pow2_scales=False, backend=None):
+        out_features, in_features = weight.shape
+        if x.shape[-1] != in_features:
+            raise ValueError(f"FP8 linear: x{tuple(x.shape)} does not end in in_features={in_features}")
+        if in_features % FP8_BLOCK:
+            raise ValueError(
+                f"FP8 linear: in_features={in_features} must be a multiple of {FP8_BLOCK} "
+                f"(nearest valid: {_nearest_multiples(in_features)})"
+            )
+        out_dtype = _output_dtype(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
+        with torch.autocast(x.device.type, enabled=False):
+            qx, sx = quantize_1x128(x2, pow2_scales=pow2_scales, backend=backend)
+            qw, sw = quantize_128x128(weight, pow2_scales=pow2_scales, backend=backend)
+            if bias is None:
+                y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
+            else:
+                y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
+                y = (y + bias.float()).to(out_dtype)
+            # x^T in 1x128 tiles along the tokens: all the weight gradient needs of x.
+            qxt = sxt = None
+            if ctx.needs_input_grad[1]:
+                qxt, sxt = quantize_1x128_t(x2, pow2_scales=pow2_scales, backend=backend)
+        ctx.save_for_backward(qxt, sxt, weight)
+        ctx.pow2_scales, ctx.backend = pow2_scales, backend
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(*lead, out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qxt, sxt, weight = ctx.saved_tensors
+        pow2, backend = ctx.pow2_scales, ctx.backend
+        out_features, in_features = weight.shape
+        n_pad = _round_up(out_features, FP8_BLOCK)
+        dy = grad_out.reshape(-1, out_features)  # (M, N)
+        dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qdy, sdy = quantize_1x128(dy_padded, pow2_scales=pow2, backend=backend)
+                qw, sw = quantize_128x128(_pad_rows(weight, n_pad), pow2_scales=pow2, backend=backend)
+                # The transpose of a 128x128-block-quantized weight is itself block-quantized: exact.
+                qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # (K, N_pad), (K/128, N_pad/128)
+                grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                qdyt, sdyt = quantize_1x128_t(dy_padded, pow2_scales=pow2, backend=backend)  # (N_pad, M_pad)
+                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm.
+                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=torch.float32, backend=backend)
+                grad_w = grad_w[:out_features].to(weight.dtype)
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_b = dy.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def fp8_linear(x, weight, bias=None, pow2_scales: bool = False, backend: str | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) in FP8 (FP8LinearFunction)."""
+    return FP8LinearFunction.apply(x, weight, bias, pow2_scales, backend)
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear with its GEMMs in FP8. Same parameters (names, shapes, dtypes, init) as nn.Linear,
+    so checkpoints, Hugging Face import/export and initialization do not see a difference.
+
+    `pow2_scales`: round every scale up to a power of two (DeepSeek-V3's UE8M0 scales), so that
+    scaling is exact. in_features must be a multiple of 128.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, pow2_scales=False):
+        if in_features % FP8_BLOCK:
+            raise ValueError(
+                f"FP8Linear: in_features={in_features} must be a multiple of {FP8_BLOCK} "
+                f"(nearest valid: {_nearest_multiples(in_features)})"
+            )
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.pow2_scales = pow2_scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.pow2_scales, None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8=e4m3, pow2_scales={self.pow2_scales}"
+
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    """Per expert e, rows of x in group e times weight[e]^T, all three GEMMs in FP8.
+
+    forward(x (M, K) rows sorted by expert, weight (E, N, K), group_ends (E,) int cumulative row
+    counts, pow2_scales, backend) -> (M, N); rows past group_ends[-1] give zeros. Every group must
+    start at a multiple of 128 (fp8_grouped_gemm_wgrad reduces over each group's rows in 128-row
+    tiles); a group's rows past its real tokens must be zeros or at least receive zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, group_ends, pow2_scales=False, backend=None):
+        n_experts, out_features, in_features = weight.shape
+        if x.dim() != 2 or x.shape[1] != in_features:
+            raise ValueError(f"fp8_grouped_linear: expected x (tokens, {in_features}), got x{tuple(x.shape)}")
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % FP8_BLOCK:
+                raise ValueError(
+                    f"fp8_grouped_linear: {name}={size} of weight{tuple(weight.shape)} must be a multiple of "
+                    f"{FP8_BLOCK} (nearest valid: {_nearest_multiples(size)})"
+                )
+        out_dtype = _output_dtype(x)
+        x = x.contiguous()
+        with torch.autocast(x.device.type, enabled=False):
+            qx, sx = quantize_1x128(x, pow2_scales=pow2_scales, backend=backend)
+            qw, sw = _quantize_experts(weight, pow2_scales, backend)
+            y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
+            qxt = sxt = None
+            if ctx.needs_input_grad[1]:
+                qxt, sxt = quantize_1x128_t(x, pow2_scales=pow2_scales, backend=backend)
+        ctx.save_for_backward(qxt, sxt, weight, group_ends)
+        ctx.pow2_scales, ctx.backend, ctx.x_dtype = pow2_scales, backend, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qxt, sxt, weight, group_ends = ctx.saved_tensors
+        pow2, backend = ctx.pow2_scales, ctx.backend
+        dy = grad_out.contiguous()  # (M, N)
+        grad_x = grad_w = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qdy, sdy = quantize_1x128(dy, pow2_scales=pow2, backend=backend)
+                qw, sw = _quantize_experts(weight, pow2, backend)
+                qwt = qw.transpose(1, 2).contiguous()  # (E, K, N): each expert's blocks transposed, exact
+                swt = sw.transpose(1, 2).contiguous()  # (E, K/128, N/128)
+                grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
+            if ctx.needs_input_grad[1]:
+                qdyt, sdyt = quantize_1x128_t(dy, pow2_scales=pow2, backend=backend)  # (N, M_pad)
+                grad_w = fp8_grouped_gemm_wgrad(
+                    qdyt, sdyt, qxt, sxt, group_ends, out_dtype=torch.float32, backend=backend
+                ).to(weight.dtype)  # (E, N, K)
+        return grad_x, grad_w, None, None, None
+
+
+def fp8_grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_ends: torch.Tensor,
+    pow2_scales: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`grouped_gemm(x, weight, group_ends)` in FP8 (FP8GroupedLinearFunction; groups must start at
+    multiples of 128)."""
+    return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend)
+
+
+def _quantize_experts(weight: torch.Tensor, pow2_scales: bool, backend):
+    """weight (E, N, K), N % 128 == 0 -> q (E, N, K), s (E, N/128, K/128): 128x128 blocks never
+    straddle two experts, so one quantization of the stacked (E*N, K) matrix serves all."""
+    n_experts, out_features, in_features = weight.shape
+    q, s = quantize_128x128(
+        weight.reshape(n_experts * out_features, in_features), pow2_scales=pow2_scales, backend=backend
+    )
+    return q.view(n_experts, out_features, in_features), s.view(n_experts, out_features // FP8_BLOCK, -1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _nearest_multiples(n: int) -> str:
+    below, above = n // FP8_BLOCK * FP8_BLOCK, _round_up(n, FP8_BLOCK)
+    return " or ".join(str(v) for v in (below, above) if v > 0)
+
+
+__all__ = [
+    "FP8Linear",
+    "FP8LinearFunction",
+    "FP8GroupedLinearFunction",
+    "FP8_BLOCK",
+    "FP8_GEMM_RELATIVE_ERROR",
+    "FP8_UNIT_ROUNDOFF",
+    "fp8_grouped_linear",
+    "fp8_linear",
+]

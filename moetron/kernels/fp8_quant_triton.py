@@ -1,0 +1,134 @@
+"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, 128x128) and their launchers.
+
+The semantics, argument checks and torch references are in moetron/kernels/fp8.py; the launchers here
+assume checked arguments. The block-scaled GEMMs are in moetron/kernels/fp8_gemm_triton.py.
+
+The quantizers are memory bound: each program loads a tile in fp32, takes the block amax, divides by the
+scale with IEEE division (`div_rn`: Triton's `/` is the approximate `div.full.f32`, and the GPU tests demand
+bytes equal to torch's) and casts with round-to-nearest-even, saturating (values are clamped to +-448
+first, as in the reference). The transposing quantizer loads (128 tokens, BLOCK features) and stores the
+transposed tile, so both its reads and its writes stay coalesced.
+
+Under TRITON_INTERPRET=1 (CPU tests) one config is used; the interpreter's own fp32 -> e4m3 cast rounds
+differently from the GPU's (tests/kernels/interpreted/test_fp8.py says how).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moetron.kernels.fp8 import AMAX_EPS, FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SB = tl.constexpr(SCALE_BLOCK)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_EPS = tl.constexpr(AMAX_EPS)
+
+
+@triton.jit
+def _block_scale(amax, POW2: tl.constexpr):
+    """fp32 scale of a block from its amax: max(amax, eps) / 448, rounded up to a power of two if POW2."""
+    scale = tl.math.div_rn(tl.maximum(amax, _EPS), tl.full(amax.shape, _FP8_MAX, tl.float32))
+    if POW2:  # round up to a power of two: carry a non-zero mantissa into the exponent, then clear it
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    """x / scale (IEEE division, as torch's) rounded to nearest-even e4m3."""
+    q = tl.math.div_rn(x, scale)
+    return tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+
+
+def _quant_configs(kind: str) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK": 64}, num_warps=4)]
+    blocks = (32, 64, 128) if kind == "rows" else (32, 64)
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b in blocks for w in (4, 8)]
+
+
+@triton.autotune(configs=_quant_configs("rows"), key=["K", "POW2"])
+@triton.jit
+def _quant_1x128_kernel(X, Q, S, M, K, stride_xm, stride_qm, stride_sm, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # BLOCK rows, one 128-column block
+    r64 = rows.to(tl.int64)
+    kb = tl.program_id(1)
+    cols = kb * _SB + tl.arange(0, _SB)
+    ok = (rows < M)[:, None]
+    x = tl.load(X + r64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # (BLOCK, 128)
+    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (BLOCK,)
+    tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok)
+    tl.store(S + r64 * stride_sm + kb, scale, mask=rows < M)
+
+
+@triton.autotune(configs=_quant_configs("t"), key=["K", "POW2"])
+@triton.jit
+def _quant_1x128_t_kernel(X, QT, ST, M, K, stride_xm, stride_qk, stride_sk, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    mb = tl.program_id(0)
+    rows = mb * _SB + tl.arange(0, _SB)  # 128 tokens: one scale block of the transposed output
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # BLOCK features
+    x = tl.load(
+        X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+        mask=(rows < M)[:, None] & (cols < K)[None, :],
+        other=0.0,
+    ).to(tl.float32)  # (128, BLOCK); tokens past M read 0 and give the zero columns of qt
+    scale = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (BLOCK,)
+    qt = tl.trans(_to_e4m3(x, scale[None, :]))  # (BLOCK, 128)
+    tl.store(QT + cols[:, None].to(tl.int64) * stride_qk + rows[None, :], qt, mask=(cols < K)[:, None])
+    tl.store(ST + cols.to(tl.int64) * stride_sk + mb, scale, mask=cols < K)
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=4 if INTERPRET else 8)], key=[])
+@triton.jit
+def _quant_128x128_kernel(W, Q, S, N, K, stride_wn, stride_qn, stride_sn, POW2: tl.constexpr):
+    nb, kb = tl.program_id(0), tl.program_id(1)
+    rows = nb * _SB + tl.arange(0, _SB)
+    cols = kb * _SB + tl.arange(0, _SB)
+    ok = (rows < N)[:, None]
+    r64 = rows.to(tl.int64)
+    w = tl.load(W + r64[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # (128, 128)
+    scale = _block_scale(tl.max(tl.max(tl.abs(w), 1), 0), POW2)  # scalar
+    tl.store(Q + r64[:, None] * stride_qn + cols[None, :], _to_e4m3(w, scale), mask=ok)
+    tl.store(S + nb * stride_sn + kb, scale)
+
+
+def _empty(rows: int, cols: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(rows, cols, dtype=dtype, device=like.device)
+
+
+def quantize_1x128_triton(x: torch.Tensor, pow2_scales: bool, out=None):
+    """`out`: (q, s) to write into (the tests pass poisoned buffers)."""
+    m, k = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q, s = out or (_empty(m, k, FP8_DTYPE, x), _empty(m, k // SCALE_BLOCK, torch.float32, x))
+    if m and k:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), k // SCALE_BLOCK)  # noqa: E731
+        _quant_1x128_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
+    return q, s
+
+
+def quantize_1x128_t_triton(x: torch.Tensor, pow2_scales: bool, out=None):
+    m, k = x.shape
+    m_pad = triton.cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
+    x = x if x.stride(1) == 1 else x.contiguous()
+    qt, st = out or (_empty(k, m_pad, FP8_DTYPE, x), _empty(k, m_pad // SCALE_BLOCK, torch.float32, x))
+    if m and k:
+        grid = lambda meta: (m_pad // SCALE_BLOCK, triton.cdiv(k, meta["BLOCK"]))  # noqa: E731
+        _quant_1x128_t_kernel[grid](x, qt, st, m, k, x.stride(0), qt.stride(0), st.stride(0), POW2=pow2_scales)
+    return qt, st
+
+
+def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
+    n, k = w.shape
+    w = w if w.stride(1) == 1 else w.contiguous()
+    q, s = out or (_empty(n, k, FP8_DTYPE, w), _empty(triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, torch.float32, w))
+    if n and k:
+        grid = (s.shape[0], s.shape[1])
+        _quant_128x128_kernel[grid](w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
+    return q, s

@@ -1,0 +1,253 @@
+"""The FP8 Triton kernels on the GPU (device tool; needs FP8 tensor cores, compute capability >= 8.9).
+
+* Quantizers: bytes equal to the torch references (q.view(uint8) and the scales), at realistic sizes, with
+  values over many binades, all-zero blocks and e4m3 subnormals.
+* GEMMs against the references on the SAME quantized operands. The FP8 MMA sums a 128-wide block in the
+  tensor core's limited-precision accumulator (DeepSeek-V3 §3.3.2 measures ~14 bits kept), the reference
+  in fp32, so the tolerance is per block: 2^-8 of sum_k |a_k b_k| per element, and 5e-3 of the norm.
+* Every tile config of the autotuners, one at a time, on the TMA path (the Hopper default); the pointer path
+  with one config; the autotuned public functions.
+* Against cuBLAS: with K = 128 the 1x128 scales are row-wise scales, so fp8_gemm must match
+  torch._scaled_mm (row-wise); for longer K against the fp64 product of the dequantized operands.
+"""
+
+import pytest
+import torch
+import triton
+
+from moetron.kernels import fp8
+from moetron.kernels import fp8_gemm_triton as fg
+from moetron.kernels import fp8_quant_triton as fq
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _needs_fp8_tensor_cores():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability >= 8.9")
+
+
+def poison(*shape, dtype=torch.float32):
+    if dtype == fp8.FP8_DTYPE:
+        return torch.full(shape, 0x7F, dtype=torch.uint8, device="cuda").view(fp8.FP8_DTYPE)  # e4m3fn NaN
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def realistic(rows, cols, dtype=torch.bfloat16):
+    """Normal values scaled over 16 binades by row, tiny values (subnormal codes) in every 97th row, and an
+    all-zero 256-wide block."""
+    x = torch.randn(rows, cols, device="cuda") * torch.logspace(-8, 8, rows, base=2.0, device="cuda")[:, None]
+    x[::97] *= torch.rand(cols, device="cuda") ** 8
+    if rows > 5:
+        x[5, :256] = 0
+    return x.to(dtype)
+
+
+def assert_same_bytes(got, want):
+    (q, s), (q_ref, s_ref) = got, want
+    assert q.dtype == fp8.FP8_DTYPE and q.shape == q_ref.shape and s.shape == s_ref.shape
+    assert torch.equal(s, s_ref), f"scales differ at {(s != s_ref).nonzero()[:4].tolist()}"
+    diff = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert not diff.any(), f"{int(diff.sum())} codes differ, e.g. {q[diff][:4].float()} vs {q_ref[diff][:4].float()}"
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_1x128_bytes(pow2, dtype):
+    x = realistic(4096 + 17, 7168, dtype)
+    assert_same_bytes(fp8.quantize_1x128(x, pow2_scales=pow2), fp8.quantize_1x128_reference(x, pow2_scales=pow2))
+
+
+def test_quantize_1x128_strided_input():
+    x = realistic(1000, 2048)[:, 512:1536]  # rows 2048 apart
+    assert_same_bytes(fp8.quantize_1x128(x), fp8.quantize_1x128_reference(x))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("m,k", [(8000, 2048), (4096, 1000), (1, 7168)])
+def test_quantize_1x128_t_bytes(pow2, m, k):
+    x = realistic(m, k)
+    m_pad = triton.cdiv(m, 128) * 128
+    out = (poison(k, m_pad, dtype=fp8.FP8_DTYPE), poison(k, m_pad // 128))
+    got = fq.quantize_1x128_t_triton(x, pow2, out=out)
+    assert_same_bytes(got, fp8.quantize_1x128_t_reference(x, pow2_scales=pow2))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("n,k", [(2000, 7168), (7168, 2048), (1, 128)])
+def test_quantize_128x128_bytes(pow2, n, k):
+    w = realistic(n, k)
+    out = (poison(n, k, dtype=fp8.FP8_DTYPE), poison(triton.cdiv(n, 128), k // 128))
+    assert_same_bytes(fq.quantize_128x128_triton(w, pow2, out=out), fp8.quantize_128x128_reference(w, pow2_scales=pow2))
+
+
+# -------------------------------------------------------------------------------------------------- GEMMs
+def abs_product(qa, sa, qb, sb_rows):
+    """sum_k |a_k b_k| of the dequantized operands (fp32): the scale of accumulation errors."""
+    a = qa.float().abs() * sa.repeat_interleave(128, 1)[:, : qa.shape[1]]
+    b = qb.float().abs() * sb_rows.repeat_interleave(128, 1)[:, : qb.shape[1]]
+    return a @ b.t()
+
+
+def assert_accumulation_close(out, ref, bound):
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs()
+    assert (err <= 2**-8 * bound + 1e-30).all(), f"max error {err.max():.3g} vs 2^-8 x {bound.max():.3g}"
+    assert (out.float() - ref.float()).norm() <= 5e-3 * ref.float().norm()
+
+
+def quantized(m, n, k, b_form="block"):
+    qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    qb, sb = fp8.quantize_128x128(b) if b_form == "block" else fp8.quantize_1x128(b)
+    return qa, sa, qb, sb, fp8._b_scale_rows(sb, n)
+
+
+def config_ids(kind):
+    return [f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-w{c.num_warps}-s{c.num_stages}-p{int(c.kwargs['PIPELINE'])}"
+            for c in fg._gemm_configs(kind)]  # fmt: skip
+
+
+def pin(monkeypatch, config):
+    for kernel in (fg._gemm_kernel, fg._grouped_gemm_kernel, fg._wgrad_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+
+
+@pytest.mark.parametrize("config", fg._gemm_configs("gemm"), ids=config_ids("gemm"))
+@pytest.mark.parametrize("b_form", ["block", "row"])
+def test_gemm_every_config(monkeypatch, config, b_form):
+    pin(monkeypatch, config)
+    m, n, k = 1000, 1000, 1024  # neither M nor N a multiple of any tile
+    qa, sa, qb, sb, sb_rows = quantized(m, n, k, b_form)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, out=poison(m, n))
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    assert_accumulation_close(out, ref, abs_product(qa, sa, qb, sb_rows))
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (1, 7168, 2048), (3000, 2112, 7168)])
+def test_gemm_autotuned(m, n, k, tma):
+    qa, sa, qb, sb, sb_rows = quantized(m, n, k)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, tma=tma, out=poison(m, n))
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    assert_accumulation_close(out, ref, abs_product(qa, sa, qb, sb_rows))
+    # the public function: bf16 by default, the fp32 result rounded up to the accumulation differences
+    out_bf16 = fp8.fp8_gemm(qa, sa, qb, sb)
+    assert out_bf16.dtype == torch.bfloat16
+    assert ((out_bf16.float() - out).abs() <= 2**-8 * out.abs() + 2**-8 * abs_product(qa, sa, qb, sb_rows)).all()
+
+
+def test_gemm_against_fp64_dequantized():
+    m, n, k = 2048, 3072, 4096
+    qa, sa, qb, sb, sb_rows = quantized(m, n, k)
+    out = fp8.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float32)
+    a = qa.double() * sa.double().repeat_interleave(128, 1)
+    b = qb.double() * sb_rows.double().repeat_interleave(128, 1)
+    assert_accumulation_close(out, (a @ b.t()).float(), abs_product(qa, sa, qb, sb_rows))
+
+
+def test_single_k_block_matches_cublas_rowwise():
+    """With K = 128 a 1x128 scale is a row-wise scale: fp8_gemm computes what torch._scaled_mm (cuBLAS) does."""
+    m, n, k = 2048, 4096, 128
+    qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda"))
+    qb, sb = fp8.quantize_1x128(torch.randn(n, k, device="cuda"))  # (N, 1): the per-row b_scale form
+    out = fp8.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.bfloat16)
+    ref = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
+    bound = abs_product(qa, sa, qb, sb)
+    # both round an fp32 result to bf16 after their own accumulation: near a rounding boundary the two may
+    # land one bf16 step apart (<= 2^-7 relative)
+    assert ((out.float() - ref.float()).abs() <= 2**-7 * ref.float().abs() + 2**-10 * bound).all()
+
+
+def expert_weights(n_experts, n, k):
+    w = torch.randn(n_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    pairs = [fp8.quantize_128x128(w[e]) for e in range(n_experts)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def random_group_ends(n_rows, n_experts, n_empty, multiple=1):
+    """(E,) int32 cumulative row counts, multiples of `multiple`, about n_rows in all; n_empty empty groups
+    among the first E - 1 (the last one keeps at least `multiple` rows)."""
+    picks = torch.multinomial(torch.ones(n_experts), n_rows // multiple, replacement=True)
+    counts = torch.bincount(picks, minlength=n_experts)
+    counts[torch.randperm(n_experts - 1)[:n_empty]] = 0
+    counts[-1] = max(int(counts[-1]), 1)
+    return (torch.cumsum(counts, 0) * multiple).to(torch.int32)
+
+
+def grouped_bound(qa, sa, qb, sb, ends):
+    bound = torch.zeros(qa.shape[0], qb.shape[1], device="cuda")
+    for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)):
+        bound[s:t] = abs_product(qa[s:t], sa[s:t], qb[e], fp8._b_scale_rows(sb[e], qb.shape[1]))
+    return bound
+
+
+def check_grouped(m, n, k, n_experts, tma=None):
+    group_ends = random_group_ends(m - 37, n_experts, n_empty=2)  # at least 37 rows past the last group
+    ends = group_ends.tolist()
+    group_ends = group_ends.cuda()
+    qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    qb, sb = expert_weights(n_experts, n, k)
+    out = fg.fp8_grouped_gemm_triton(qa, sa, qb, sb, group_ends, torch.float32, tma=tma, out=poison(m, n))
+    ref = fp8.fp8_grouped_gemm_reference(qa, sa, qb, sb, group_ends, torch.float32)
+    assert (out[ends[-1] :] == 0).all()
+    assert_accumulation_close(out, ref, grouped_bound(qa, sa, qb, sb, ends))
+
+
+@pytest.mark.parametrize("config", fg._gemm_configs("grouped"), ids=config_ids("grouped"))
+def test_grouped_gemm_every_config(monkeypatch, config):
+    pin(monkeypatch, config)
+    check_grouped(3000, 1000, 1024, n_experts=8)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_grouped_gemm_autotuned(tma):
+    check_grouped(8192 + 37, 2048, 2048, n_experts=16, tma=tma)
+
+
+def test_grouped_gemm_public_bf16():
+    m, n, k, n_experts = 4096, 1536, 1024, 8
+    qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    qb, sb = expert_weights(n_experts, n, k)
+    group_ends = random_group_ends(4000, n_experts, n_empty=1).cuda()
+    out = fp8.fp8_grouped_gemm(qa, sa, qb, sb, group_ends)
+    ref = fp8.fp8_grouped_gemm_reference(qa, sa, qb, sb, group_ends, torch.float32)
+    bound = grouped_bound(qa, sa, qb, sb, group_ends.tolist())
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+
+
+def check_wgrad(n, k, n_experts, tma=None):
+    group_ends = random_group_ends(5000, n_experts, n_empty=2, multiple=128)  # every group a multiple of 128
+    group_ends[-1] -= 50  # the last group ends inside a block
+    ends = group_ends.tolist()
+    m_pad = triton.cdiv(ends[-1], 128) * 128 + 256  # unused blocks at the end too
+    qa, sa = fp8.quantize_1x128_t(torch.randn(m_pad, n, device="cuda", dtype=torch.bfloat16))  # dY^T
+    qb, sb = fp8.quantize_1x128_t(torch.randn(m_pad, k, device="cuda", dtype=torch.bfloat16))  # X^T
+    for q in (qa, qb):  # tokens past the last group: NaN codes, never part of a product
+        q.view(torch.uint8)[:, ends[-1] :] = 0x7F
+    group_ends = group_ends.cuda()
+    out = fg.fp8_grouped_gemm_wgrad_triton(
+        qa, sa, qb, sb, group_ends, torch.float32, tma=tma, out=poison(n_experts, n, k)
+    )
+    ref = fp8.fp8_grouped_gemm_wgrad_reference(qa, sa, qb, sb, group_ends)
+    bound = torch.zeros_like(ref)
+    for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)):
+        if t == s:
+            assert (out[e] == 0).all()
+        blocks = slice(s // 128, triton.cdiv(t, 128))
+        bound[e] = abs_product(qa[:, s:t], sa[:, blocks], qb[:, s:t], sb[:, blocks])
+    assert_accumulation_close(out, ref, bound)
+
+
+@pytest.mark.parametrize("config", fg._gemm_configs("wgrad"), ids=config_ids("wgrad"))
+def test_wgrad_every_config(monkeypatch, config):
+    pin(monkeypatch, config)
+    check_wgrad(1000, 768, n_experts=6)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_wgrad_autotuned(tma):
+    check_wgrad(2048, 1024, n_experts=8, tma=tma)

@@ -1,0 +1,298 @@
+"""The model with `fp8.enabled`: which layers run in FP8, loss and gradients against the same weights in
+fp32, identical state dicts, the 128-aligned MoE dispatch, config validation and Hydra composition.
+On CPU the FP8 kernels run as their torch references."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+
+from moetron.config import ConfigError, register_configs, to_train_config
+from moetron.kernels.fp8_linear import FP8_GEMM_RELATIVE_ERROR, FP8Linear
+from moetron.model import ModelConfig, Transformer
+from moetron.model.config import FP8Config
+from moetron.model.moe import MoE
+
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+
+# Every FP8 reduction dim is 128; tokens 2 * 64 = 128. kv heads 1 x 64 and MLA's kv_a (128 + 16) and
+# q_b (2 x 48) outputs are not multiples of 128 (the padded dgrad).
+BASE = dict(
+    vocab_size=256,
+    d_model=128,
+    n_layers=2,
+    max_seq_len=128,
+    n_heads=2,
+    n_kv_heads=1,
+    ffn_hidden=256,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_ffn_hidden=128,
+    top_k=2,
+    first_k_dense_replace=1,
+    mtp_depth=1,
+    seq_aux_loss_alpha=1e-3,
+)
+MLA = dict(attention="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=64)
+ARCHS = {"gqa": dict(attention_bias=True), "mla": MLA}
+
+# What DeepSeek-V3 (section 3.3.1) keeps in higher precision: embedding, output head, router, norms, the
+# MTP projection (and the attention core, which is not an nn.Linear).
+HIGH_PRECISION_LINEARS = ("lm_head", "mtp.0.proj")
+FP8_LINEAR_PARTS = (".attn.", ".ffn.gate_proj", ".ffn.up_proj", ".ffn.down_proj", ".shared_experts.")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fp32_and_fp8(arch, **overrides):
+    cfg = dict(BASE, **ARCHS[arch], **overrides)
+    ref = Transformer(ModelConfig(**cfg))
+    fp8 = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
+    fp8.load_state_dict(ref.state_dict())
+    return ref, fp8
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fp8_model_matches_fp32_model_with_the_same_weights(arch):
+    ref, fp8 = fp32_and_fp8(arch)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 65))
+    out_ref, grads_ref = loss_and_grads(ref, ids)
+    out, grads = loss_and_grads(fp8, ids)
+    for part in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
+        got, want = getattr(out, part).item(), getattr(out_ref, part).item()
+        assert abs(got - want) < 0.01 * abs(want), part  # measured: ~2e-4 relative
+    assert out.loss.item() != out_ref.loss.item()  # FP8 did run
+
+    # Gradients: a parameter's gradient passes through a few FP8 GEMMs (forward and backward), each
+    # adding ~FP8_GEMM_RELATIVE_ERROR in quadrature (measured 3-11%). Routed experts and the router see
+    # additionally the tokens whose top-k choice flipped under the perturbed activations.
+    routed = (".experts.", ".router.")
+    for name, g in grads.items():
+        bound = 0.6 if any(r in name for r in routed) else 4 * FP8_GEMM_RELATIVE_ERROR
+        assert rel_err(g, grads_ref[name]) < bound, name
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_ref = torch.cat([grads_ref[n].flatten() for n in grads])
+    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
+
+
+def test_moe_layer_in_fp8_within_the_bound_of_two_gemms():
+    """With the same input the routing is identical, so the FP8 MoE differs from the fp32 one only by
+    its GEMMs: gate/up then down (two in series on the routed path), shared experts likewise."""
+    cfg = dict(BASE, score_func="sigmoid", n_routed_experts=8, top_k=3)
+    ref = MoE(ModelConfig(**cfg))
+    fp8 = MoE(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
+    for p in ref.parameters():
+        nn.init.normal_(p, std=0.05)
+    fp8.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 100, 128)
+    dy = torch.randn(2, 100, 128)
+    outs = []
+    for m in (ref, fp8):
+        xm = x.clone().requires_grad_()
+        y, _ = m(xm)
+        y.backward(dy)
+        outs.append((y, xm.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y_ref, dx_ref, g_ref), (y, dx, g) = outs
+    bound = 2**0.5 * FP8_GEMM_RELATIVE_ERROR  # two GEMMs in series
+    assert 0.2 * FP8_GEMM_RELATIVE_ERROR < rel_err(y, y_ref) < bound
+    assert rel_err(dx, dx_ref) < 2 * bound  # dX of the routed path plus the router's fp32 path
+    for name in ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "shared_experts.up_proj.weight"):
+        assert rel_err(g[name], g_ref[name]) < bound, name
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fp8_modules_are_the_right_ones(arch):
+    _, model = fp32_and_fp8(arch)
+    fp8_names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            wants_fp8 = any(part in f".{name}" for part in FP8_LINEAR_PARTS)
+            assert isinstance(module, FP8Linear) == wants_fp8, name
+            assert not (wants_fp8 and name.startswith(HIGH_PRECISION_LINEARS))
+            if wants_fp8:
+                fp8_names.append(name)
+        if name.endswith(".experts"):
+            assert module.fp8, name
+        if name.endswith(".ffn") and isinstance(module, MoE):
+            assert module.pad_groups_to == 128
+    for name in HIGH_PRECISION_LINEARS:
+        assert type(model.get_submodule(name)) is nn.Linear, name
+    assert type(model.embed) is nn.Embedding
+    assert not isinstance(model.get_submodule("layers.1.ffn.router"), nn.Linear)
+    attn = {"gqa": ("q_proj", "k_proj", "v_proj"), "mla": ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")}[arch]
+    for proj in attn + ("o_proj",):
+        assert f"layers.0.attn.{proj}" in fp8_names and f"mtp.0.block.attn.{proj}" in fp8_names
+    assert "layers.0.ffn.down_proj" in fp8_names and "layers.1.ffn.shared_experts.gate_proj" in fp8_names
+    # The bf16 model has none of it.
+    ref = Transformer(ModelConfig(**BASE, **ARCHS[arch]))
+    assert not any(isinstance(m, FP8Linear) for m in ref.modules())
+    assert not any(getattr(m, "fp8", False) for m in ref.modules()) and all(
+        m.pad_groups_to == 1 for m in ref.modules() if isinstance(m, MoE)
+    )
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fp8_state_dict_is_the_plain_models(arch):
+    ref, fp8 = fp32_and_fp8(arch)
+    sd_ref, sd = ref.state_dict(), fp8.state_dict()
+    assert list(sd) == list(sd_ref)
+    assert all(sd[k].shape == sd_ref[k].shape and sd[k].dtype == sd_ref[k].dtype for k in sd)
+    ref.load_state_dict(fp8.state_dict())  # both directions, strict
+    # Built on the meta device and initialized like the plain model.
+    models = []
+    for fp8_cfg in (FP8Config(enabled=True, pow2_scales=True), FP8Config()):
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**BASE, **ARCHS[arch], fp8=fp8_cfg))
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(m.pow2_scales for m in models[0].modules() if isinstance(m, FP8Linear))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_padded_dispatch_equals_unpadded(capacity_factor):
+    """The 128-aligned dispatch of FP8 mode, run with the high-precision experts, gives the plain dispatch's
+    output and gradients; each expert's rows start at a multiple of 128 and padding rows are zeros."""
+    cfg = ModelConfig(**dict(BASE, n_routed_experts=8, top_k=2, capacity_factor=capacity_factor))
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.1)
+    moe.router.expert_bias[:2] = -1.0  # experts 0 and 1 (almost) never chosen: empty groups
+    x = torch.randn(3, 50, 128)
+    dy = torch.randn(3, 50, 128)
+    seen = []
+    experts_forward = moe.experts.forward
+
+    def spy(xs, group_ends):
+        seen.append((xs.detach(), group_ends.clone()))
+        return experts_forward(xs, group_ends)
+
+    moe.experts.forward = spy
+    results = []
+    for multiple in (1, 128):
+        moe.pad_groups_to = multiple
+        moe.zero_grad()
+        xm = x.clone().requires_grad_()
+        y, _ = moe(xm)
+        y.backward(dy)
+        results.append((y, xm.grad, [p.grad.clone() for p in moe.parameters()]))
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dx2, dx1, rtol=0, atol=1e-6)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    (x_plain, ends_plain), (x_padded, ends_padded) = seen
+    counts = torch.diff(ends_plain, prepend=ends_plain.new_zeros(1))
+    assert (counts[:2] == 0).any()
+    padded_counts = torch.diff(ends_padded.long(), prepend=ends_padded.new_zeros(1).long())
+    assert torch.equal(padded_counts, (counts + 127) // 128 * 128)
+    starts = ends_padded.long() - padded_counts
+    assert bool((starts % 128 == 0).all())
+    assert x_padded.shape[0] % 128 == 0 and x_padded.shape[0] >= x_plain.shape[0] + 8 * 127
+    real = torch.zeros(x_padded.shape[0], dtype=torch.bool)
+    for s, c in zip(starts.tolist(), counts.tolist()):
+        real[s : s + c] = True
+    assert torch.equal(x_padded[real], x_plain) and bool((x_padded[~real] == 0).all())
+
+
+BAD_FP8 = [
+    (dict(d_model=64), r"fp8.enabled=true needs d_model=64 to be a multiple of 128.*nearest valid: 128"),
+    (dict(ffn_hidden=200), r"ffn_hidden=200 to be a multiple of 128.*nearest valid: 128 or 256"),
+    (dict(moe_ffn_hidden=96), r"moe_ffn_hidden=96 to be a multiple of 128"),
+    (dict(n_heads=2, head_dim=48), r"n_heads\*head_dim=96 to be a multiple of 128"),
+    (dict(MLA, v_head_dim=32), r"n_heads\*v_head_dim=64 to be a multiple of 128"),
+    (dict(MLA, q_lora_rank=64), r"q_lora_rank=64 to be a multiple of 128"),
+    (dict(MLA, kv_lora_rank=512 + 64), r"kv_lora_rank=576 to be a multiple of 128.*nearest valid: 512 or 640"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_FP8)
+def test_fp8_config_errors_name_the_field(overrides, message):
+    cfg = {**BASE, **overrides}
+    ModelConfig(**cfg)  # valid without FP8
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**cfg, fp8=FP8Config(enabled=True))
+
+
+def test_fp8_config_checks_only_the_layers_that_exist():
+    # ffn_hidden is unused when every layer is MoE; no q_lora_rank without query compression.
+    ModelConfig(**dict(BASE, ffn_hidden=200, first_k_dense_replace=0), fp8={"enabled": True})
+    ModelConfig(**{**BASE, **MLA, "q_lora_rank": None}, fp8={"enabled": True})
+    # out_features need not be multiples of 128: DeepSeek-V3's kv_a_proj is 512 + 64 wide.
+    cfg = ModelConfig.from_preset("deepseek_v3", fp8={"enabled": True})
+    assert cfg.fp8 == FP8Config(enabled=True, pow2_scales=False)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # the nested dataclass round-trips
+
+
+def test_hydra_composes_fp8():
+    register_configs()
+    fp8_tiny = ["model=tiny", "model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = to_train_config(compose("train", [*fp8_tiny, "model.fp8.enabled=true", "model.fp8.pow2_scales=true"]))
+        assert cfg.model.fp8 == FP8Config(enabled=True, pow2_scales=True)
+        assert cfg.model == ModelConfig.from_preset(
+            "tiny", d_model=128, ffn_hidden=256, moe_ffn_hidden=128, fp8={"enabled": True, "pow2_scales": True}
+        )
+        model = Transformer(cfg.model)
+        assert isinstance(model.layers["0"].attn.q_proj, FP8Linear) and model.layers["0"].attn.q_proj.pow2_scales
+        assert to_train_config(compose("train", ["model=tiny"])).model.fp8 == FP8Config()  # off by default
+        with pytest.raises(ConfigError, match=r"model: .*fp8.enabled=true needs d_model=64 to be a multiple of 128"):
+            to_train_config(compose("train", ["model=tiny", "model.fp8.enabled=true"]))
+
+
+def test_training_run_in_fp8_with_bf16_autocast_and_checkpointing(tmp_path):
+    """The trainer needs nothing FP8-specific: `model.fp8.enabled=true` trains (bf16 autocast, full
+    activation checkpointing, which re-runs the FP8 forward) with finite losses."""
+    import json
+
+    from moetron.train import run
+
+    overrides = [
+        "model=tiny", "model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128",
+        "model.fp8.enabled=true", "data.seq_len=64", "data.micro_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
+        "logging.wandb=false", "logging.console=false", "logging.log_every=1", "optim.warmup_steps=1",
+        "trainer.device=cpu", "trainer.precision=bf16", "trainer.activation_checkpointing=full",
+        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.steps=3", f"trainer.run_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides)
+    run(cfg, run_dir=tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    assert "enabled: true" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fp8_model_on_gpu_matches_bf16_model(arch):
+    """The Triton FP8 kernels inside the model under bf16 autocast: loss within 1% of the bf16 model with
+    the same fp32 master weights, gradients aligned."""
+    ref, fp8 = fp32_and_fp8(arch)
+    ref, fp8 = ref.cuda(), fp8.cuda()
+    ids = torch.randint(0, BASE["vocab_size"], (4, 129), device="cuda")
+    results = []
+    for model in (ref, fp8):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, ids))
+    (out_ref, grads_ref), (out, grads) = results
+    assert abs(out.loss.item() - out_ref.loss.item()) < 0.01 * out_ref.loss.item()
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_ref = torch.cat([grads_ref[n].flatten() for n in grads])
+    assert torch.isfinite(flat).all()
+    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.98
