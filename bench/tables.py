@@ -1,0 +1,87 @@
+"""Markdown tables for the README from bench/results/*.json (the README's result tables are pasted
+from this output, so every number there traces back to a recorded run).
+
+    python bench/tables.py attention    # bench/results/attention.json
+    python bench/tables.py fp8          # bench/results/fp8.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(x, digits=0):
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def attention(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        b, h, s, dq, dv = r["shape"]
+        dims = f"{dq}" if dq == dv else f"{dq}/{dv}"
+        rows.append([
+            f"({b}, {h}, {s}, {dims})", "causal" if r["causal"] else "full",
+            "fwd" if r["mode"] == "fwd" else "fwd+bwd", _fmt(r["moetron_triton"]), _fmt(r.get("sdpa_flash")),
+            _fmt(r.get("sdpa_cudnn")), _fmt(r.get("ratio_vs_sdpa_cudnn"), 2), _fmt(r.get("ratio_vs_sdpa_flash"), 2),
+        ])  # fmt: skip
+    header = ["shape", "mask", "pass", "moetron Triton", "SDPA flash", "SDPA cuDNN", "vs cuDNN", "vs flash"]
+    return _table(header, rows)
+
+
+def fp8(data: dict) -> str:
+    out = []
+    sections = {
+        "gemm": (
+            ["shape M x N x K", "what", "moetron fp8_gemm", "+ quantize", "bf16 matmul", "cuBLAS fp8 tensorwise",
+             "cuBLAS fp8 rowwise", "vs rowwise", "vs bf16"],
+            lambda r: [r["moetron_fp8"], r["moetron_fp8_quant"], r["torch_bf16"], r["scaled_mm_tensorwise"],
+                       r["scaled_mm_rowwise"], _fmt(r["ratio_moetron_fp8_vs_scaled_mm_rowwise"], 2),
+                       _fmt(r["ratio_moetron_fp8_vs_torch_bf16"], 2)],
+        ),
+        "grouped": (
+            ["shape M x N x K", "what", "moetron fp8_grouped_gemm", "+ quantize", "bf16 _grouped_mm",
+             "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs bf16"],
+            lambda r: [r["moetron_fp8"], r["moetron_fp8_quant"], r["grouped_mm_bf16"],
+                       r.get("scaled_grouped_mm_rowwise"), _fmt(r["ratio_moetron_fp8_vs_grouped_mm_bf16"], 2)],
+        ),
+        "linear": (
+            ["shape M x N x K", "what", "moetron FP8Linear", "bf16 nn.Linear", "vs bf16"],
+            lambda r: [r["moetron_fp8"], r["torch_bf16"], _fmt(r["ratio_moetron_fp8_vs_torch_bf16"], 2)],
+        ),
+    }  # fmt: skip
+    for name, (header, cells) in sections.items():
+        rows = []
+        for r in data["results"]:
+            if r["section"] != name:
+                continue
+            shape = r["shape"]
+            label = f"{shape['M']} x {shape['N']} x {shape['K']}"
+            if "experts" in shape:
+                label = f"E={shape['experts']}: {label}"
+            rows.append([label, r["what"], *(_fmt(c) if isinstance(c, float) else c for c in cells(r))])
+        out.append(_table(header, rows))
+    return "\n\n".join(out)
+
+
+def main():
+    name = sys.argv[1] if len(sys.argv) > 1 else "attention"
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    print(f"<!-- {name}: bench/results/{name}.json, {data['device']}, sha {data['git_sha'][:7]}, "
+          f"torch {data['torch']}, triton {data['triton']} -->")  # fmt: skip
+    print({"attention": attention, "fp8": fp8}[name](data))
+
+
+if __name__ == "__main__":
+    main()
