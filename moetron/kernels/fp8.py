@@ -14,6 +14,8 @@ Granularities (the 128 is SCALE_BLOCK):
 * activations 1x128: one scale per row and 128 consecutive columns, `quantize_1x128`;
 * their transpose 128x1, `quantize_1x128_t`: quantizes x^T along the token axis, fused with the transpose
   (the weight-gradient GEMM reduces over tokens);
+* both at once, `quantize_1x128_dual`: the two above from one read of x (K % 128 == 0), byte-equal to
+  calling them separately (a layer that needs both forms of a tensor reads it once);
 * weights 128x128: one scale per block, `quantize_128x128`.
 
 GEMMs compute C = A @ B^T (both operands K-major, the layout FP8 tensor cores want). Each 128-wide K
@@ -83,6 +85,17 @@ def quantize_1x128_t(x: torch.Tensor, *, pow2_scales: bool = False, backend: str
 
         return quantize_1x128_t_triton(x, pow2_scales)
     return quantize_1x128_t_reference(x, pow2_scales=pow2_scales)
+
+
+def quantize_1x128_dual(x: torch.Tensor, *, pow2_scales: bool = False, backend: str | None = None):
+    """x (M, K), K % 128 == 0 -> (q, s, qt, st): quantize_1x128(x) and quantize_1x128_t(x), the same bytes,
+    from one read of x (one 128x128 tile per program gives the row and the column amaxes)."""
+    _check_quant_input("quantize_1x128_dual", x, need_k_blocks=True)
+    if _pick(backend, x) == "triton":
+        from moetron.kernels.fp8_quant_triton import quantize_1x128_dual_triton
+
+        return quantize_1x128_dual_triton(x, pow2_scales)
+    return quantize_1x128_dual_reference(x, pow2_scales=pow2_scales)
 
 
 def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, backend: str | None = None):
@@ -178,6 +191,14 @@ def quantize_1x128_t_reference(x: torch.Tensor, *, pow2_scales: bool = False):
     m_pad = _cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     xt = F.pad(x.float().t(), (0, m_pad - m))  # (K, M_pad), zero columns past M
     return _quantize_rows(xt, pow2_scales)
+
+
+@torch.no_grad()
+def quantize_1x128_dual_reference(x: torch.Tensor, *, pow2_scales: bool = False):
+    _check_quant_input("quantize_1x128_dual", x, need_k_blocks=True)
+    q, s = quantize_1x128_reference(x, pow2_scales=pow2_scales)
+    qt, st = quantize_1x128_t_reference(x, pow2_scales=pow2_scales)
+    return q, s, qt, st
 
 
 @torch.no_grad()
@@ -360,6 +381,8 @@ __all__ = [
     "quantize_128x128",
     "quantize_128x128_reference",
     "quantize_1x128",
+    "quantize_1x128_dual",
+    "quantize_1x128_dual_reference",
     "quantize_1x128_reference",
     "quantize_1x128_t",
     "quantize_1x128_t_reference",

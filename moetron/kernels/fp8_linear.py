@@ -13,8 +13,9 @@ module quantizes its weight on the fly. For y = x W^T (x (M, K), W (N, K)):
 What is saved for backward: the FP8 activation the weight gradient reads, x^T already quantized in
 1x128 tiles along the tokens (`quantize_1x128_t`, 1 byte per element + one fp32 scale per 128, about
 half of a bf16 x). DeepSeek-V3 caches x in the forward's 1x128 layout and, for the wgrad, dequantizes,
-transposes and re-quantizes it (their section 3.5.2 asks hardware for a fused transpose); quantizing
-x^T in the forward costs one more read of x but stores the same bytes and rounds x only once. The
+transposes and re-quantizes it (their section 3.5.2 asks hardware for a fused transpose); here
+`quantize_1x128_dual` makes x's 1x128 tiles (for the forward GEMM) and x^T's (saved) from one read of
+x, which stores the same bytes and rounds x only once; likewise dY's two forms in the backward. The
 weight is not saved quantized: the backward re-quantizes the (saved by reference, so free) master
 weight, which gives the same FP8 weight (quantization is deterministic) for one extra read of W,
 instead of holding N*K bytes per layer for every micro-batch in flight.
@@ -55,6 +56,7 @@ from moetron.kernels.fp8 import (
     fp8_grouped_gemm,
     fp8_grouped_gemm_wgrad,
     quantize_1x128,
+    quantize_1x128_dual,
     quantize_1x128_t,
     quantize_128x128,
 )
@@ -81,6 +83,19 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t if t.shape[1] == cols else F.pad(t, (0, cols - t.shape[1]))
 
 
+def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: bool, backend):
+    """(q, s, qt, st): quantize_1x128(t) if `rows`, quantize_1x128_t(t) if `transposed` (None where not
+    asked); when both are, one fused pass reads t once (t's columns must be a multiple of 128)."""
+    if rows and transposed:
+        return quantize_1x128_dual(t, pow2_scales=pow2_scales, backend=backend)
+    q = s = qt = st = None
+    if rows:
+        q, s = quantize_1x128(t, pow2_scales=pow2_scales, backend=backend)
+    if transposed:
+        qt, st = quantize_1x128_t(t, pow2_scales=pow2_scales, backend=backend)
+    return q, s, qt, st
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
@@ -103,17 +118,15 @@ class FP8LinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = quantize_1x128(x2, pow2_scales=pow2_scales, backend=backend)
+            # x in 1x128 tiles for the GEMM and, if W needs a gradient, x^T in 1x128 tiles along the tokens
+            # (all the weight gradient needs of x), both from one read of x.
+            qx, sx, qxt, sxt = _quantize_forms(x2, True, ctx.needs_input_grad[1], pow2_scales, backend)
             qw, sw = quantize_128x128(weight, pow2_scales=pow2_scales, backend=backend)
             if bias is None:
                 y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
             else:
                 y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
                 y = (y + bias.float()).to(out_dtype)
-            # x^T in 1x128 tiles along the tokens: all the weight gradient needs of x.
-            qxt = sxt = None
-            if ctx.needs_input_grad[1]:
-                qxt, sxt = quantize_1x128_t(x2, pow2_scales=pow2_scales, backend=backend)
         ctx.save_for_backward(qxt, sxt, weight)
         ctx.pow2_scales, ctx.backend = pow2_scales, backend
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
@@ -130,14 +143,14 @@ class FP8LinearFunction(torch.autograd.Function):
         dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
         grad_x = grad_w = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
+            # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad)): one read of dY
+            qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, *ctx.needs_input_grad[:2], pow2, backend)
             if ctx.needs_input_grad[0]:
-                qdy, sdy = quantize_1x128(dy_padded, pow2_scales=pow2, backend=backend)
                 qw, sw = quantize_128x128(_pad_rows(weight, n_pad), pow2_scales=pow2, backend=backend)
                 # The transpose of a 128x128-block-quantized weight is itself block-quantized: exact.
                 qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # (K, N_pad), (K/128, N_pad/128)
                 grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                qdyt, sdyt = quantize_1x128_t(dy_padded, pow2_scales=pow2, backend=backend)  # (N_pad, M_pad)
                 # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm.
                 grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=torch.float32, backend=backend)
                 grad_w = grad_w[:out_features].to(weight.dtype)
@@ -198,12 +211,9 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         out_dtype = _output_dtype(x)
         x = x.contiguous()
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = quantize_1x128(x, pow2_scales=pow2_scales, backend=backend)
+            qx, sx, qxt, sxt = _quantize_forms(x, True, ctx.needs_input_grad[1], pow2_scales, backend)
             qw, sw = _quantize_experts(weight, pow2_scales, backend)
             y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
-            qxt = sxt = None
-            if ctx.needs_input_grad[1]:
-                qxt, sxt = quantize_1x128_t(x, pow2_scales=pow2_scales, backend=backend)
         ctx.save_for_backward(qxt, sxt, weight, group_ends)
         ctx.pow2_scales, ctx.backend, ctx.x_dtype = pow2_scales, backend, x.dtype
         return y
@@ -215,14 +225,14 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dy = grad_out.contiguous()  # (M, N)
         grad_x = grad_w = None
         with torch.autocast(dy.device.type, enabled=False):
+            # N % 128 == 0 (checked in the forward): both forms of dY from one read
+            qdy, sdy, qdyt, sdyt = _quantize_forms(dy, *ctx.needs_input_grad[:2], pow2, backend)
             if ctx.needs_input_grad[0]:
-                qdy, sdy = quantize_1x128(dy, pow2_scales=pow2, backend=backend)
                 qw, sw = _quantize_experts(weight, pow2, backend)
                 qwt = qw.transpose(1, 2).contiguous()  # (E, K, N): each expert's blocks transposed, exact
                 swt = sw.transpose(1, 2).contiguous()  # (E, K/128, N/128)
                 grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
-            if ctx.needs_input_grad[1]:
-                qdyt, sdyt = quantize_1x128_t(dy, pow2_scales=pow2, backend=backend)  # (N, M_pad)
+            if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
                 grad_w = fp8_grouped_gemm_wgrad(
                     qdyt, sdyt, qxt, sxt, group_ends, out_dtype=torch.float32, backend=backend
                 ).to(weight.dtype)  # (E, N, K)

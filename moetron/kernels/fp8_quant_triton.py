@@ -1,4 +1,4 @@
-"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, 128x128) and their launchers.
+"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, both at once, 128x128) and their launchers.
 
 The semantics, argument checks and torch references are in moetron/kernels/fp8.py; the launchers here
 assume checked arguments. The block-scaled GEMMs are in moetron/kernels/fp8_gemm_triton.py.
@@ -7,7 +7,10 @@ The quantizers are memory bound: each program loads a tile in fp32, takes the bl
 scale with IEEE division (`div_rn`: Triton's `/` is the approximate `div.full.f32`, and the GPU tests demand
 bytes equal to torch's) and casts with round-to-nearest-even, saturating (values are clamped to +-448
 first, as in the reference). The transposing quantizer loads (128 tokens, BLOCK features) and stores the
-transposed tile, so both its reads and its writes stay coalesced.
+transposed tile, so both its reads and its writes stay coalesced. The dual quantizer loads a (128 tokens,
+128 features) tile once and writes both: the 1x128 row tiles (amax over the 128 features of each token) and
+the transposed 128x1 tiles (amax over the 128 tokens of each feature), with the same helpers, so its bytes
+equal those of the two separate kernels.
 
 Under TRITON_INTERPRET=1 (CPU tests) one config is used; the interpreter's own fp32 -> e4m3 cast rounds
 differently from the GPU's (tests/kernels/interpreted/test_fp8.py says how).
@@ -98,6 +101,34 @@ def _quant_128x128_kernel(W, Q, S, N, K, stride_wn, stride_qn, stride_sn, POW2: 
     tl.store(S + nb * stride_sn + kb, scale)
 
 
+def _dual_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+
+
+@triton.autotune(configs=_dual_configs(), key=["K", "POW2"])
+@triton.jit
+def _quant_1x128_dual_kernel(
+    X, Q, S, QT, ST, M, K, stride_xm, stride_qm, stride_sm, stride_qk, stride_sk, POW2: tl.constexpr
+):
+    mb, kb = tl.program_id(0), tl.program_id(1)
+    rows = mb * _SB + tl.arange(0, _SB)  # 128 tokens: one scale block of qt
+    cols = kb * _SB + tl.arange(0, _SB)  # 128 features: one scale block of q (K % 128 == 0)
+    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+    ok = rows < M
+    x = tl.load(X + r64[:, None] * stride_xm + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    # 1x128 along K (as _quant_1x128_kernel); tokens past M read 0 and are not stored
+    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (128,) per token
+    tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok[:, None])
+    tl.store(S + r64 * stride_sm + kb, scale, mask=ok)
+    # 128x1 along the tokens, transposed (as _quant_1x128_t_kernel); tokens past M give qt's zero columns
+    scale_t = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (128,) per feature
+    qt = tl.trans(_to_e4m3(x, scale_t[None, :]))  # (128 features, 128 tokens)
+    tl.store(QT + c64[:, None] * stride_qk + rows[None, :], qt)
+    tl.store(ST + c64 * stride_sk + mb, scale_t)
+
+
 def _empty(rows: int, cols: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, cols, dtype=dtype, device=like.device)
 
@@ -132,3 +163,23 @@ def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
         grid = (s.shape[0], s.shape[1])
         _quant_128x128_kernel[grid](w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
     return q, s
+
+
+def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
+    """quantize_1x128_triton and quantize_1x128_t_triton of x (K % 128 == 0) from one read of x ->
+    (q, s, qt, st). `out`: (q, s, qt, st) to write into."""
+    m, k = x.shape
+    m_pad = triton.cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q, s, qt, st = out or (
+        _empty(m, k, FP8_DTYPE, x),
+        _empty(m, k // SCALE_BLOCK, torch.float32, x),
+        _empty(k, m_pad, FP8_DTYPE, x),
+        _empty(k, m_pad // SCALE_BLOCK, torch.float32, x),
+    )
+    if m and k:
+        grid = (m_pad // SCALE_BLOCK, k // SCALE_BLOCK)
+        _quant_1x128_dual_kernel[grid](
+            x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0), POW2=pow2_scales
+        )
+    return q, s, qt, st

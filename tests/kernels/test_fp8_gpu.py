@@ -76,6 +76,36 @@ def test_quantize_1x128_t_bytes(pow2, m, k):
 
 
 @pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("m,k", [(4096, 7168), (1000, 2048), (1, 128), (4096 + 17, 256)])
+def test_quantize_1x128_dual_bytes(pow2, m, k):
+    """The fused quantizer writes the bytes of the two separate kernels (and so of the references) into poisoned
+    buffers: M a multiple of 128 or not, zero columns of qt past M."""
+    x = realistic(m, k)
+    m_pad = triton.cdiv(m, 128) * 128
+    out = (
+        poison(m, k, dtype=fp8.FP8_DTYPE),
+        poison(m, k // 128),
+        poison(k, m_pad, dtype=fp8.FP8_DTYPE),
+        poison(k, m_pad // 128),
+    )
+    q, s, qt, st = fq.quantize_1x128_dual_triton(x, pow2, out=out)
+    assert_same_bytes((q, s), fq.quantize_1x128_triton(x, pow2))
+    assert_same_bytes((qt, st), fq.quantize_1x128_t_triton(x, pow2))
+    assert_same_bytes((q, s), fp8.quantize_1x128_reference(x, pow2_scales=pow2))
+    assert_same_bytes((qt, st), fp8.quantize_1x128_t_reference(x, pow2_scales=pow2))
+
+
+@pytest.mark.parametrize("config", fq._quant_1x128_dual_kernel.configs, ids=lambda c: f"w{c.num_warps}")
+def test_quantize_1x128_dual_every_config(monkeypatch, config):
+    """Each autotuner config (one at a time) on strided fp32 rows."""
+    monkeypatch.setattr(fq._quant_1x128_dual_kernel, "configs", [config])
+    x = realistic(1000, 2048, torch.float32)[:, :1024]  # strided rows, fp32 input
+    got = fp8.quantize_1x128_dual(x)
+    assert_same_bytes(got[:2], fq.quantize_1x128_triton(x, False))
+    assert_same_bytes(got[2:], fq.quantize_1x128_t_triton(x, False))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("n,k", [(2000, 7168), (7168, 2048), (1, 128)])
 def test_quantize_128x128_bytes(pow2, n, k):
     w = realistic(n, k)

@@ -268,6 +268,34 @@ def test_fp8_grouped_linear_autocast_and_errors():
         fp8_grouped_linear(torch.randn(160, 128), weight, bad).sum().backward()
 
 
+def spy_quantizers(monkeypatch):
+    """Counts the activation quantizer calls of moetron.kernels.fp8_linear by name."""
+    import moetron.kernels.fp8_linear as fl
+
+    calls = []
+    for name in ("quantize_1x128", "quantize_1x128_t", "quantize_1x128_dual"):
+        real = getattr(fl, name)
+        monkeypatch.setattr(fl, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_fp8_linear_reads_x_and_dy_once(monkeypatch, weight_grad):
+    """When both forms of x (forward) and of dY (backward) are needed, the fused quantizer makes them."""
+    calls = spy_quantizers(monkeypatch)
+    _, fp8 = pair(256, 144, bias=True)
+    fp8.weight.requires_grad_(weight_grad)
+    run(fp8, torch.randn(70, 256), torch.randn(70, 144))
+    want = ["quantize_1x128_dual"] * 2 if weight_grad else ["quantize_1x128"] * 2
+    assert calls == want
+    calls.clear()
+    group_ends, real, _ = padded_groups([30, 130])
+    x = (torch.randn(real.numel(), 128) * real[:, None]).requires_grad_()
+    weight = (torch.randn(2, 128, 128) * 0.05).requires_grad_(weight_grad)
+    fp8_grouped_linear(x, weight, group_ends).sum().backward()
+    assert calls == want
+
+
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("lead,in_features,out_features,bias", SHAPES)

@@ -78,6 +78,27 @@ def test_quantize_1x128_t(m, pow2):
     assert torch.equal(qt.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(st, s2)
 
 
+@pytest.mark.parametrize("m", [1, 130])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_1x128_dual_is_both_quantizers(m, pow2):
+    """The fused quantizer's contract: exactly quantize_1x128 and quantize_1x128_t of the same x, and the
+    public function on CPU is that reference; K must be a multiple of 128 as for quantize_1x128."""
+    x = spread(m, 256).to(torch.bfloat16)
+    q, s, qt, st = fp8.quantize_1x128_dual_reference(x, pow2_scales=pow2)
+    q1, s1 = fp8.quantize_1x128_reference(x, pow2_scales=pow2)
+    qt1, st1 = fp8.quantize_1x128_t_reference(x, pow2_scales=pow2)
+    m_pad = -(-m // BLOCK) * BLOCK
+    assert q.shape == (m, 256) and s.shape == (m, 2) and qt.shape == (256, m_pad) and st.shape == (256, m_pad // BLOCK)
+    for a, b in ((q, q1), (s, s1), (qt, qt1), (st, st1)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert_rounding_bound(x.float(), dequant(q, s), s.repeat_interleave(BLOCK, 1))
+    assert_rounding_bound(x.float().t(), dequant(qt, st)[:, :m], st.repeat_interleave(BLOCK, 1)[:, :m])
+    for a, b in zip(fp8.quantize_1x128_dual(x, pow2_scales=pow2), (q, s, qt, st)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with pytest.raises(ValueError, match="quantize_1x128_dual: K=200"):
+        fp8.quantize_1x128_dual(torch.randn(4, 200))
+
+
 @pytest.mark.parametrize("n", [1, 128, 200])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quantize_128x128(n, pow2):

@@ -99,6 +99,40 @@ def test_quantize_128x128(n, k, pow2):
     assert_quantized(q, s_rows, q_ref, s_ref.repeat_interleave(128, 0)[:n], w.float().view(n, k // 128, 128))
 
 
+@pytest.mark.parametrize("m,k", [(1, 128), (130, 256), (256, 128)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_1x128_dual_equals_separate_kernels(m, k, pow2):
+    """One read of x, both forms: the same bytes as the two separate kernels (the same interpreter casts),
+    into poisoned buffers; a bf16 input with a row stride (non-contiguous rows) for the 130-token case."""
+    x = spread(m, 2 * k, torch.bfloat16)[:, :k] if m == 130 else spread(m, k, torch.float32)
+    m_pad = triton.cdiv(m, 128) * 128
+    out = (
+        nan_poison(m, k, dtype=fp8.FP8_DTYPE),
+        nan_poison(m, k // 128),
+        nan_poison(k, m_pad, dtype=fp8.FP8_DTYPE),
+        nan_poison(k, m_pad // 128),
+    )
+    q, s, qt, st = fq.quantize_1x128_dual_triton(x, pow2, out=out)
+    q1, s1 = fq.quantize_1x128_triton(x, pow2)
+    qt1, st1 = fq.quantize_1x128_t_triton(x, pow2)
+    for a, b in ((q, q1), (s, s1), (qt, qt1), (st, st1)):
+        assert a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bytes, NaN-safe
+    assert (qt[:, m:].view(torch.uint8) == 0).all()  # zero columns past M
+    # and the scales are the references' (the codes differ from torch's only by the interpreter's cast)
+    _, s_ref, _, st_ref = fp8.quantize_1x128_dual_reference(x, pow2_scales=pow2)
+    assert torch.equal(s, s_ref) and torch.equal(st, st_ref)
+
+
+def test_quantize_1x128_dual_public_dispatch_and_errors():
+    x = spread(3, 256)
+    got = fp8.quantize_1x128_dual(x)  # Triton under the interpreter
+    want = (*fq.quantize_1x128_triton(x, False), *fq.quantize_1x128_t_triton(x, False))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with pytest.raises(ValueError, match="K=200"):
+        fp8.quantize_1x128_dual(torch.randn(4, 200))
+
+
 def test_public_functions_dispatch_to_triton(monkeypatch):
     called = []
     real = fq.quantize_1x128_triton
