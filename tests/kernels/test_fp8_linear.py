@@ -273,20 +273,20 @@ def spy_quantizers(monkeypatch):
     import moetron.kernels.fp8_linear as fl
 
     calls = []
-    for name in ("quantize_1x128", "quantize_1x128_t", "quantize_1x128_dual"):
+    for name in ("quantize_1x128", "quantize_1x128_t"):
         real = getattr(fl, name)
         monkeypatch.setattr(fl, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     return calls
 
 
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_fp8_linear_reads_x_and_dy_once(monkeypatch, weight_grad):
-    """When both forms of x (forward) and of dY (backward) are needed, the fused quantizer makes them."""
+def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad):
+    """x's and dY's transposed forms are made only when the weight needs a gradient."""
     calls = spy_quantizers(monkeypatch)
     _, fp8 = pair(256, 144, bias=True)
     fp8.weight.requires_grad_(weight_grad)
     run(fp8, torch.randn(70, 256), torch.randn(70, 144))
-    want = ["quantize_1x128_dual"] * 2 if weight_grad else ["quantize_1x128"] * 2
+    want = ["quantize_1x128", "quantize_1x128_t"] * 2 if weight_grad else ["quantize_1x128"] * 2
     assert calls == want
     calls.clear()
     group_ends, real, _ = padded_groups([30, 130])
