@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moetron.kernels import attention_triton, flash_attention
+from moetron.kernels import attention_triton_kernels, flash_attention
 
 SHAPES = [  # (batch, heads, seq, d_qk, d_v)
     (4, 32, 4096, 128, 128),
@@ -52,9 +52,9 @@ def timed(fn, mode):
 
 def chosen_configs(mode):
     """The autotuner's pick for the shape just timed (tile, warps, stages, tensor descriptors or not)."""
-    kernels = {"fwd": attention_triton._fwd_kernel}
+    kernels = {"fwd": attention_triton_kernels._fwd_kernel}
     if mode == "fwd_bwd":
-        kernels.update(dkdv=attention_triton._bwd_dkdv_kernel, dq=attention_triton._bwd_dq_kernel)
+        kernels.update(dkdv=attention_triton_kernels._bwd_dkdv_kernel, dq=attention_triton_kernels._bwd_dq_kernel)
     return {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
 
 
