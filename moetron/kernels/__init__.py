@@ -19,6 +19,8 @@ from moetron.kernels.fp8 import (
     quantize_1x128_t,
     quantize_1x128_t_reference,
     quantize_128x128,
+    quantize_128x128_dual,
+    quantize_128x128_dual_reference,
     quantize_128x128_reference,
 )
 from moetron.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference
@@ -36,6 +38,8 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_reference",
     "quantize_128x128",
+    "quantize_128x128_dual",
+    "quantize_128x128_dual_reference",
     "quantize_128x128_reference",
     "quantize_1x128",
     "quantize_1x128_dual",

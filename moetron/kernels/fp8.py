@@ -18,7 +18,10 @@ Granularities (the 128 is SCALE_BLOCK):
   calling them separately. Not used by the layers yet: on the H100 it measured slower than the two
   separate kernels (413 us against 137 + 163 us at 16384 x 7168 bf16; its 128 x 128 fp32 tile per
   program needs tuning);
-* weights 128x128: one scale per block, `quantize_128x128`.
+* weights 128x128: one scale per block, `quantize_128x128`;
+* a weight and its transpose at once, `quantize_128x128_dual` (also per expert for (E, N, K) weights): the
+  transpose of a 128x128-quantized matrix is the 128x128 quantization of the transpose (each block keeps its
+  scale), so one read gives both the forward's W (N, K) and the input gradient's W^T (K, N_pad).
 
 GEMMs compute C = A @ B^T (both operands K-major, the layout FP8 tensor cores want). Each 128-wide K
 block's partial product comes from an FP8 MMA with an fp32 accumulator, is multiplied by
@@ -31,6 +34,7 @@ TRITON_INTERPRET=1, the reference otherwise; `backend="triton" | "torch"` forces
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -54,9 +58,15 @@ def _default_backend(*tensors: torch.Tensor) -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton"
     x = tensors[0]
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
+    if x.is_cuda and _capability(x.device.index) >= (8, 9):
         return "triton"
     return "torch"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """Compute capability of a CUDA device, asked once (the query costs microseconds on every layer call)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _pick(backend: str | None, *tensors: torch.Tensor) -> str:
@@ -108,6 +118,18 @@ def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, backend: str
 
         return quantize_128x128_triton(w, pow2_scales)
     return quantize_128x128_reference(w, pow2_scales=pow2_scales)
+
+
+def quantize_128x128_dual(w: torch.Tensor, *, pow2_scales: bool = False, backend: str | None = None):
+    """w (N, K) or per expert (E, N, K), K % 128 == 0 -> (q, s, qt, st): q, s = quantize_128x128(w) (per expert),
+    qt (..., K, N_pad) = q^T with zero columns past N (N_pad = ceil(N / 128) * 128), st (..., K/128, N_pad/128)
+    = s^T. One read of w; the backward's dX = dY @ W takes (qt, st) as fp8_gemm's b."""
+    _check_weight_input("quantize_128x128_dual", w)
+    if _pick(backend, w) == "triton":
+        from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton
+
+        return quantize_128x128_dual_triton(w, pow2_scales)
+    return quantize_128x128_dual_reference(w, pow2_scales=pow2_scales)
 
 
 # -------------------------------------------------------------------------------------------- GEMMs
@@ -215,6 +237,18 @@ def quantize_128x128_reference(w: torch.Tensor, *, pow2_scales: bool = False):
     return q, scale
 
 
+@torch.no_grad()
+def quantize_128x128_dual_reference(w: torch.Tensor, *, pow2_scales: bool = False):
+    _check_weight_input("quantize_128x128_dual", w)
+    if w.dim() == 3:
+        parts = [quantize_128x128_dual_reference(we, pow2_scales=pow2_scales) for we in w]
+        return tuple(torch.stack(group) for group in zip(*parts))
+    q, s = quantize_128x128_reference(w, pow2_scales=pow2_scales)
+    n_pad = s.shape[0] * SCALE_BLOCK
+    qt = F.pad(q.view(torch.uint8), (0, 0, 0, n_pad - q.shape[0])).view(FP8_DTYPE).t().contiguous()  # (K, N_pad)
+    return q, s, qt, s.t().contiguous()
+
+
 def _block_scaled_mm(a, a_scale, b, b_scale_rows) -> torch.Tensor:
     """fp32 (M, N) = sum over 128-wide K blocks kb of (a_kb @ b_kb^T) * (a_scale[:, kb] b_scale_rows[:, kb]^T).
     a (M, K), b (N, K) e4m3, a_scale (M, ceil(K/128)), b_scale_rows (N, ceil(K/128)); a last partial block
@@ -286,6 +320,13 @@ def _check_quant_input(name: str, x: torch.Tensor, need_k_blocks: bool) -> None:
         raise ValueError(f"{name}: takes bf16, fp16 or fp32 input, got {x.dtype}")
     if need_k_blocks and x.shape[1] % SCALE_BLOCK:
         raise ValueError(f"{name}: K={x.shape[1]} must be a multiple of {SCALE_BLOCK} (the scale block)")
+
+
+def _check_weight_input(name: str, w: torch.Tensor) -> None:
+    """(N, K) or per expert (E, N, K) weights, K % 128 == 0."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"{name}: expected a (N, K) or per-expert (E, N, K) weight, got shape {tuple(w.shape)}")
+    _check_quant_input(name, w.reshape(-1, w.shape[-1]), need_k_blocks=True)
 
 
 def _check_operand(name: str, what: str, t: torch.Tensor, dim: int) -> None:
@@ -381,6 +422,8 @@ __all__ = [
     "fp8_grouped_gemm_wgrad",
     "fp8_grouped_gemm_wgrad_reference",
     "quantize_128x128",
+    "quantize_128x128_dual",
+    "quantize_128x128_dual_reference",
     "quantize_128x128_reference",
     "quantize_1x128",
     "quantize_1x128_dual",

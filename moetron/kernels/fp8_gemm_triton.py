@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moetron.kernels.fp8 import SCALE_BLOCK
+from moetron.kernels.fp8 import SCALE_BLOCK, _capability
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -230,7 +230,7 @@ def _wgrad_kernel(
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Hopper TMA: 16-byte aligned bases and row strides (the fp8 operands are (rows, multiple of 128))."""
     t = tensors[0]
-    if INTERPRET or not t.is_cuda or torch.cuda.get_device_capability(t.device) < (9, 0):
+    if INTERPRET or not t.is_cuda or _capability(t.device.index) < (9, 0):
         return False
     return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.stride(-1) == 1 for x in tensors)
 

@@ -1,4 +1,5 @@
-"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, both at once, 128x128) and their launchers.
+"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, both at once; 128x128, with or without its
+transpose) and their launchers.
 
 The semantics, argument checks and torch references are in moetron/kernels/fp8.py; the launchers here
 assume checked arguments. The block-scaled GEMMs are in moetron/kernels/fp8_gemm_triton.py.
@@ -101,6 +102,29 @@ def _quant_128x128_kernel(W, Q, S, N, K, stride_wn, stride_qn, stride_sn, POW2: 
     tl.store(S + nb * stride_sn + kb, scale)
 
 
+@triton.autotune(configs=[triton.Config({}, num_warps=4 if INTERPRET else 8)], key=[])
+@triton.jit
+def _quant_128x128_dual_kernel(
+    W, Q, S, QT, ST, N, K,
+    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_qte, stride_qtk, stride_ste, stride_stk,
+    POW2: tl.constexpr,
+):  # fmt: skip
+    """One 128x128 block of expert e's weight: q and s as _quant_128x128_kernel, and the transposed block into
+    qt (K, N_pad), st (K/128, N_pad/128). Rows past N read 0, so qt's padding columns come out 0."""
+    nb, kb, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = nb * _SB + tl.arange(0, _SB)
+    cols = kb * _SB + tl.arange(0, _SB)
+    ok = (rows < N)[:, None]
+    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+    w = tl.load(W + e * stride_we + r64[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    scale = _block_scale(tl.max(tl.max(tl.abs(w), 1), 0), POW2)  # scalar
+    q = _to_e4m3(w, scale)  # (128 rows of N, 128 of K)
+    tl.store(Q + e * stride_qe + r64[:, None] * stride_qn + cols[None, :], q, mask=ok)
+    tl.store(S + e * stride_se + nb * stride_sn + kb, scale)
+    tl.store(QT + e * stride_qte + c64[:, None] * stride_qtk + rows[None, :], tl.trans(q))  # (128 of K, 128 of N)
+    tl.store(ST + e * stride_ste + kb * stride_stk + nb, scale)
+
+
 def _dual_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({}, num_warps=4)]
@@ -163,6 +187,36 @@ def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
         grid = (s.shape[0], s.shape[1])
         _quant_128x128_kernel[grid](w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
     return q, s
+
+
+def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
+    """w (N, K) or (E, N, K) -> (q, s, qt, st) as fp8.quantize_128x128_dual. `out`: (q, s, qt, st) to write into."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
+    n_experts, n, k = w3.shape
+    nb, kb = triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK
+    n_pad = nb * SCALE_BLOCK
+
+    def empty(*shape, dtype):
+        return torch.empty(n_experts, *shape, dtype=dtype, device=w.device)
+
+    q, s, qt, st = out or (
+        empty(n, k, dtype=FP8_DTYPE),
+        empty(nb, kb, dtype=torch.float32),
+        empty(k, n_pad, dtype=FP8_DTYPE),
+        empty(kb, nb, dtype=torch.float32),
+    )
+    q3, s3, qt3, st3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (q, s, qt, st))
+    if n_experts and n and k:
+        _quant_128x128_dual_kernel[(nb, kb, n_experts)](
+            w3, q3, s3, qt3, st3, n, k,
+            w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
+            qt3.stride(0), qt3.stride(1), st3.stride(0), st3.stride(1),
+            POW2=pow2_scales,
+        )  # fmt: skip
+    if w.dim() == 2 and out is None:
+        return q[0], s[0], qt[0], st[0]
+    return q, s, qt, st
 
 
 def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):

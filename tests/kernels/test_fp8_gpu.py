@@ -113,6 +113,16 @@ def test_quantize_128x128_bytes(pow2, n, k):
     assert_same_bytes(fq.quantize_128x128_triton(w, pow2, out=out), fp8.quantize_128x128_reference(w, pow2_scales=pow2))
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(2000, 7168), (4, 1408, 2048)])
+def test_quantize_128x128_dual_bytes(pow2, shape):
+    """Weight and transpose from one read: byte-equal to the torch reference (per expert for 3-D)."""
+    w = realistic(shape[0] * shape[1] if len(shape) == 3 else shape[0], shape[-1]).view(shape)
+    got, want = fp8.quantize_128x128_dual(w, pow2_scales=pow2), fp8.quantize_128x128_dual_reference(w, pow2_scales=pow2)
+    assert_same_bytes(got[:2], want[:2])
+    assert_same_bytes(got[2:], want[2:])
+
+
 # -------------------------------------------------------------------------------------------------- GEMMs
 def abs_product(qa, sa, qb, sb_rows):
     """sum_k |a_k b_k| of the dequantized operands (fp32): the scale of accumulation errors."""

@@ -119,6 +119,25 @@ def test_128x128_transpose_is_exact():
     assert torch.equal(q.t().contiguous().view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s.t(), st)
 
 
+@pytest.mark.parametrize("shape", [(200, 256), (2, 130, 384)])
+def test_quantize_128x128_dual_reference(shape):
+    """Per expert: (q, s) of quantize_128x128, qt the quantization of W^T padded to whole blocks with zero
+    columns, st = s^T; errors name the function."""
+    w = torch.randn(*shape)
+    q, s, qt, st = fp8.quantize_128x128_dual_reference(w)
+    n, n_pad = shape[-2], -(-shape[-2] // BLOCK) * BLOCK
+    for e, we in enumerate(w.reshape(-1, *shape[-2:])):
+        qe, se, qte, ste = (t.reshape(-1, *t.shape[-2:])[e] for t in (q, s, qt, st))
+        q1, s1 = fp8.quantize_128x128_reference(we)
+        qt1, st1 = fp8.quantize_128x128_reference(torch.nn.functional.pad(we, (0, 0, 0, n_pad - n)).t().contiguous())
+        assert torch.equal(qe.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(se, s1)
+        assert torch.equal(qte.view(torch.uint8), qt1.view(torch.uint8)) and torch.equal(ste, st1)
+    with pytest.raises(ValueError, match="quantize_128x128_dual: K=200"):
+        fp8.quantize_128x128_dual(torch.randn(2, 4, 200))
+    with pytest.raises(ValueError, match="quantize_128x128_dual: expected a .N, K. or per-expert"):
+        fp8.quantize_128x128_dual(torch.randn(128))
+
+
 def test_ceil_pow2_exact():
     s = torch.tensor([1.0, 1.0000001, 0.75, 2.0**-40, 3.0 * 2.0**-30, 1.5e30, 2.0**-126 * 1.5])
     want = torch.tensor([1.0, 2.0, 1.0, 2.0**-40, 2.0**-28, 2.0**101, 2.0**-125])

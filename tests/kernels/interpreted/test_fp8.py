@@ -123,6 +123,38 @@ def test_quantize_1x128_dual_equals_separate_kernels(m, k, pow2):
     assert torch.equal(s, s_ref) and torch.equal(st, st_ref)
 
 
+@pytest.mark.parametrize("shape", [(1, 128), (200, 256), (3, 256, 128), (2, 130, 384)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_128x128_dual_is_the_weight_and_its_transpose(shape, pow2):
+    """(q, s) are quantize_128x128's bytes (per expert for 3-D weights), qt is q^T with zero columns past N,
+    st is s^T: written into poisoned buffers, a bf16 weight with a row stride in the 3-D case."""
+    w = spread(shape[-3] * shape[-2] if len(shape) == 3 else shape[0], 2 * shape[-1], torch.bfloat16)
+    w = w[:, : shape[-1]].reshape(shape)
+    n, k = shape[-2:]
+    lead = shape[:-2]
+    nb, n_pad = triton.cdiv(n, 128), triton.cdiv(n, 128) * 128
+    out = (
+        nan_poison(*lead, n, k, dtype=fp8.FP8_DTYPE),
+        nan_poison(*lead, nb, k // 128),
+        nan_poison(*lead, k, n_pad, dtype=fp8.FP8_DTYPE),
+        nan_poison(*lead, k // 128, nb),
+    )
+    q, s, qt, st = fq.quantize_128x128_dual_triton(w, pow2, out=out)
+    for e, we in enumerate(w.reshape(-1, n, k)):
+        qe, se, qte, ste = (t.reshape(-1, *t.shape[-2:])[e] for t in (q, s, qt, st))
+        q1, s1 = fq.quantize_128x128_triton(we, pow2)
+        assert torch.equal(qe.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(se, s1)
+        padded = torch.nn.functional.pad(q1.view(torch.uint8), (0, 0, 0, n_pad - n))
+        assert torch.equal(qte.view(torch.uint8), padded.t())  # transposed bytes, zeros past N
+        assert torch.equal(ste, s1.t())
+    _, s_ref, _, st_ref = fp8.quantize_128x128_dual_reference(w, pow2_scales=pow2)
+    assert torch.equal(s, s_ref) and torch.equal(st, st_ref)
+    # the public function dispatches to this kernel under the interpreter and returns the same bytes
+    got = fp8.quantize_128x128_dual(w, pow2_scales=pow2)
+    for a, b in zip(got, (q, s, qt, st)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def test_quantize_1x128_dual_public_dispatch_and_errors():
     x = spread(3, 256)
     got = fp8.quantize_1x128_dual(x)  # Triton under the interpreter
