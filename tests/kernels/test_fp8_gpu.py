@@ -114,10 +114,12 @@ def test_quantize_128x128_bytes(pow2, n, k):
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("shape", [(2000, 7168), (4, 1408, 2048)])
-def test_quantize_128x128_dual_bytes(pow2, shape):
-    """Weight and transpose from one read: byte-equal to the torch reference (per expert for 3-D)."""
-    w = realistic(shape[0] * shape[1] if len(shape) == 3 else shape[0], shape[-1]).view(shape)
+@pytest.mark.parametrize("shape", [(2000, 7168), (4, 1408, 2048), (384, 256), (96, 256), (2, 256, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_128x128_dual_bytes(pow2, shape, dtype):
+    """Weight and transpose from one read: byte-equal to the torch reference (per expert for 3-D), for bf16
+    weights and fp32 master weights, large and small."""
+    w = realistic(shape[0] * shape[1] if len(shape) == 3 else shape[0], shape[-1], dtype).view(shape)
     got, want = fp8.quantize_128x128_dual(w, pow2_scales=pow2), fp8.quantize_128x128_dual_reference(w, pow2_scales=pow2)
     assert_same_bytes(got[:2], want[:2])
     assert_same_bytes(got[2:], want[2:])
