@@ -121,7 +121,10 @@ def _quant_128x128_dual_kernel(
     q = _to_e4m3(w, scale)  # (128 rows of N, 128 of K)
     tl.store(Q + e * stride_qe + r64[:, None] * stride_qn + cols[None, :], q, mask=ok)
     tl.store(S + e * stride_se + nb * stride_sn + kb, scale)
-    tl.store(QT + e * stride_qte + c64[:, None] * stride_qtk + rows[None, :], tl.trans(q))  # (128 of K, 128 of N)
+    # The transpose is taken of the fp32 tile, then cast (the same division per element, so the same bytes as
+    # q^T): a 32-bit register transpose rather than an 8-bit one.
+    qt = _to_e4m3(tl.trans(w), scale)  # (128 of K, 128 of N)
+    tl.store(QT + e * stride_qte + c64[:, None] * stride_qtk + rows[None, :], qt)
     tl.store(ST + e * stride_ste + kb * stride_stk + nb, scale)
 
 
