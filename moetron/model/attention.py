@@ -25,7 +25,7 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
-        bias, fp8 = cfg.attention_bias, cfg.fp8
+        bias, fp8 = cfg.attention_bias, cfg.fp8.group("attention")
         self.q_proj = make_linear(cfg.d_model, self.n_heads * self.head_dim, bias, fp8)
         self.k_proj = make_linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias, fp8)
         self.v_proj = make_linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias, fp8)
@@ -69,7 +69,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         self.softmax_scale, self.backend = cfg.softmax_scale, cfg.attention_backend
-        qk_dim, fp8 = self.nope_dim + self.rope_dim, cfg.fp8
+        qk_dim, fp8 = self.nope_dim + self.rope_dim, cfg.fp8.group("attention")
         if cfg.q_lora_rank is None:
             self.q_proj = make_linear(cfg.d_model, self.n_heads * qk_dim, fp8=fp8)
         else:

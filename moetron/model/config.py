@@ -48,12 +48,23 @@ class RopeScaling:
 class FP8Config:
     """FP8 training (DeepSeek-V3 section 3.3): the linear layers of attention and of the dense, shared
     and routed experts run their GEMMs in block-scaled e4m3 (`moetron.kernels.fp8_linear`); embedding,
-    output head, router, norms, the MTP projection and the attention core stay in bf16/fp32."""
+    output head, router, norms, the MTP projection and the attention core stay in bf16/fp32.
+
+    `layers` names the groups that run in FP8 (default: all of FP8_LAYER_GROUPS): `attention` (its
+    projections), `dense_ffn` (the SwiGLU of the dense layers), `shared_experts`, `routed_experts`, and
+    `mtp` (those groups inside the multi-token-prediction blocks too). A group left out stays in bf16:
+    to trade speed for accuracy, or to find which layers an FP8 run's loss gap comes from."""
 
     enabled: bool = False
     pow2_scales: bool = False  # round scales up to powers of two (DeepSeek's UE8M0): exact rescaling
+    layers: list[str] = field(default_factory=lambda: list(FP8_LAYER_GROUPS))
+
+    def group(self, name: str) -> FP8Config | None:
+        """This config if the layers of group `name` run in FP8, else None (what make_linear takes)."""
+        return self if self.enabled and name in self.layers else None
 
 
+FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared_experts", "routed_experts", "mtp")
 FP8_BLOCK = 128  # FP8 GEMMs reduce over 128-wide scaled blocks (moetron.kernels.fp8.SCALE_BLOCK)
 
 
@@ -242,26 +253,35 @@ class ModelConfig:
                 fail(f"{name}={getattr(self, name)} must be >= 0")
 
     def fp8_reduction_dims(self) -> dict[str, int]:
-        """The in_features of every layer that runs in FP8, keyed by the field(s) that set them."""
-        dims = {"d_model": self.d_model}  # q/k/v/q_a/kv_a and every FFN's gate/up projections
-        if self.attention == "mla":
-            dims["n_heads*v_head_dim"] = self.n_heads * self.v_head_dim  # o_proj
-            dims["kv_lora_rank"] = self.kv_lora_rank  # kv_b_proj
-            if self.q_lora_rank is not None:
-                dims["q_lora_rank"] = self.q_lora_rank  # q_b_proj
-        else:
-            dims["n_heads*head_dim"] = self.n_heads * self.head_dim  # o_proj
-        if not self.is_moe or self.first_k_dense_replace > 0:
-            dims["ffn_hidden"] = self.ffn_hidden  # dense down_proj
-        if self.is_moe:
+        """The in_features of every layer that runs in FP8 (the groups in fp8.layers), keyed by the field(s)
+        that set them."""
+        groups = set(self.fp8.layers)
+        dims = {}
+        if "attention" in groups:
+            dims["d_model"] = self.d_model  # q/k/v or q/q_a/kv_a
+            if self.attention == "mla":
+                dims["n_heads*v_head_dim"] = self.n_heads * self.v_head_dim  # o_proj
+                dims["kv_lora_rank"] = self.kv_lora_rank  # kv_b_proj
+                if self.q_lora_rank is not None:
+                    dims["q_lora_rank"] = self.q_lora_rank  # q_b_proj
+            else:
+                dims["n_heads*head_dim"] = self.n_heads * self.head_dim  # o_proj
+        if "dense_ffn" in groups and (not self.is_moe or self.first_k_dense_replace > 0):
+            dims["d_model"] = self.d_model  # gate/up
+            dims["ffn_hidden"] = self.ffn_hidden  # down_proj
+        if self.is_moe and ("routed_experts" in groups or ("shared_experts" in groups and self.n_shared_experts)):
             # routed experts' down_proj (and, through their grouped GEMMs, gate/up's out_features);
             # shared experts are n_shared_experts times as wide, so they follow.
+            dims["d_model"] = self.d_model
             dims["moe_ffn_hidden"] = self.moe_ffn_hidden
         return dims
 
     def _validate_fp8(self, fail) -> None:
         if not isinstance(self.fp8, FP8Config):
-            fail(f"fp8={self.fp8!r} must be an FP8Config (or a mapping with enabled, pow2_scales)")
+            fail(f"fp8={self.fp8!r} must be an FP8Config (or a mapping with enabled, pow2_scales, layers)")
+        unknown = [g for g in self.fp8.layers if g not in FP8_LAYER_GROUPS]
+        if unknown:
+            fail(f"fp8.layers={list(self.fp8.layers)}: unknown {unknown}; valid groups: {list(FP8_LAYER_GROUPS)}")
         if not self.fp8.enabled:
             return
         for name, dim in self.fp8_reduction_dims().items():
@@ -334,4 +354,4 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-__all__ = ["FP8Config", "ModelConfig", "RopeScaling", "list_presets", "yarn_mscale"]
+__all__ = ["FP8Config", "FP8_LAYER_GROUPS", "ModelConfig", "RopeScaling", "list_presets", "yarn_mscale"]

@@ -137,12 +137,16 @@ class MoE(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         self.seq_aux_loss_alpha, self.aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.aux_loss_alpha
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden, cfg.fp8)
+        self.experts = GroupedExperts(
+            cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden, cfg.fp8.group("routed_experts")
+        )
         self.shared_experts = (
-            SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_hidden, cfg.fp8) if cfg.n_shared_experts else None
+            SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_hidden, cfg.fp8.group("shared_experts"))
+            if cfg.n_shared_experts
+            else None
         )
         # Each expert's rows start at a multiple of this in the grouped GEMMs' input (FP8's wgrad needs 128).
-        self.pad_groups_to = FP8_BLOCK if cfg.fp8.enabled else 1
+        self.pad_groups_to = FP8_BLOCK if self.experts.fp8 else 1
         # Assignments dropped by the capacity limit since the last reset (logging).
         self.register_buffer("dropped", torch.zeros((), dtype=torch.float32), persistent=False)
 

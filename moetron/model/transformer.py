@@ -12,7 +12,7 @@ document start (unless `position_ids` are given).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -70,11 +70,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        if layer_idx >= cfg.n_layers and cfg.fp8.enabled and "mtp" not in cfg.fp8.layers:
+            cfg = replace(cfg, fp8=replace(cfg.fp8, enabled=False))  # an MTP block in bf16
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fp8)
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fp8.group("dense_ffn"))
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         """x (batch, seq, d_model) -> (x, balance loss of this layer or None)."""

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from moetron.config import ConfigError, register_configs, to_train_config
 from moetron.kernels.fp8_linear import FP8_GEMM_RELATIVE_ERROR, FP8Linear
 from moetron.model import ModelConfig, Transformer
-from moetron.model.config import FP8Config
+from moetron.model.config import FP8_LAYER_GROUPS, FP8Config
 from moetron.model.moe import MoE
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -210,6 +210,80 @@ def test_padded_dispatch_equals_unpadded(capacity_factor):
     assert torch.equal(x_padded[real], x_plain) and bool((x_padded[~real] == 0).all())
 
 
+def fp8_group_of(name: str) -> str | None:
+    """The FP8 layer group a module belongs to, by its name (None: never FP8)."""
+    if name.startswith(HIGH_PRECISION_LINEARS) or ".router" in name:
+        return None
+    if ".attn." in name:
+        return "attention"
+    if ".shared_experts." in name:
+        return "shared_experts"
+    if name.endswith(".experts"):
+        return "routed_experts"
+    if ".ffn." in name:
+        return "dense_ffn"
+    return None
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+@pytest.mark.parametrize("layers", [[g] for g in FP8_LAYER_GROUPS] + [[g for g in FP8_LAYER_GROUPS if g != "mtp"]])
+def test_fp8_layer_groups_choose_the_fp8_modules(arch, layers):
+    """`fp8.layers` lists the groups in FP8; the rest stay nn.Linear / bf16 experts, MTP blocks only with `mtp`;
+    parameters and state dicts do not change, and the MoE pads its groups only for FP8 experts."""
+    ref, _ = fp32_and_fp8(arch)
+    model = Transformer(ModelConfig(**BASE, **ARCHS[arch], fp8=FP8Config(enabled=True, layers=layers)))
+    model.load_state_dict(ref.state_dict())  # same names and shapes
+    seen = set()
+    for name, module in model.named_modules():
+        group = fp8_group_of(name)
+        in_mtp = name.startswith("mtp.")
+        wants = group in layers and (not in_mtp or "mtp" in layers)
+        if isinstance(module, nn.Linear) and group is not None:
+            assert isinstance(module, FP8Linear) == wants, name
+            seen.add(group)
+        if name.endswith(".experts"):
+            assert module.fp8 == wants, name
+            seen.add(group)
+        if isinstance(module, MoE):
+            assert module.pad_groups_to == (128 if wants_experts(layers, in_mtp) else 1), name
+    assert seen == {"attention", "dense_ffn", "shared_experts", "routed_experts"}  # every group was looked at
+
+
+def wants_experts(layers, in_mtp):
+    return "routed_experts" in layers and (not in_mtp or "mtp" in layers)
+
+
+def test_fp8_layer_groups_train_step_matches_bf16_where_off():
+    """With only the routed experts in FP8, the attention projections are plain nn.Linear: a model with
+    fp8.layers=[] equals the bf16 model exactly, and excluding groups moves the loss toward it."""
+    ref, full = fp32_and_fp8("gqa")
+    none = Transformer(ModelConfig(**BASE, **ARCHS["gqa"], fp8=FP8Config(enabled=True, layers=[])))
+    experts = Transformer(ModelConfig(**BASE, **ARCHS["gqa"], fp8=FP8Config(enabled=True, layers=["routed_experts"])))
+    for m in (none, experts):
+        m.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, BASE["vocab_size"], (2, 65))
+    loss = {
+        n: m(ids[:, :-1], labels=ids[:, 1:]).loss.item()
+        for n, m in dict(ref=ref, none=none, experts=experts, full=full).items()
+    }
+    assert loss["none"] == loss["ref"]
+    assert loss["experts"] != loss["ref"] and loss["full"] != loss["experts"]
+    assert abs(loss["experts"] - loss["ref"]) < 0.01 * loss["ref"]
+
+
+def test_fp8_layers_validation():
+    with pytest.raises(ValueError, match=r"fp8.layers=\['attention', 'ffn'\]: unknown \['ffn'\]; valid groups"):
+        ModelConfig(**BASE, fp8=FP8Config(enabled=True, layers=["attention", "ffn"]))
+    # only the dims of the groups in FP8 must be multiples of 128: bf16 attention may have any head dims
+    odd_heads = dict(BASE, n_heads=2, head_dim=48)
+    with pytest.raises(ValueError, match=r"n_heads\*head_dim=96"):
+        ModelConfig(**odd_heads, fp8=FP8Config(enabled=True))
+    ModelConfig(**odd_heads, fp8=FP8Config(enabled=True, layers=["dense_ffn", "shared_experts", "routed_experts"]))
+    with pytest.raises(ValueError, match=r"moe_ffn_hidden=96"):
+        ModelConfig(**dict(BASE, moe_ffn_hidden=96), fp8=FP8Config(enabled=True, layers=["routed_experts"]))
+    ModelConfig(**dict(BASE, moe_ffn_hidden=96), fp8=FP8Config(enabled=True, layers=["attention", "dense_ffn"]))
+
+
 BAD_FP8 = [
     (dict(d_model=64), r"fp8.enabled=true needs d_model=64 to be a multiple of 128.*nearest valid: 128"),
     (dict(ffn_hidden=200), r"ffn_hidden=200 to be a multiple of 128.*nearest valid: 128 or 256"),
@@ -251,6 +325,12 @@ def test_hydra_composes_fp8():
         model = Transformer(cfg.model)
         assert isinstance(model.layers["0"].attn.q_proj, FP8Linear) and model.layers["0"].attn.q_proj.pow2_scales
         assert to_train_config(compose("train", ["model=tiny"])).model.fp8 == FP8Config()  # off by default
+        layers = to_train_config(
+            compose("train", [*fp8_tiny, "model.fp8.enabled=true", "model.fp8.layers=[attention]"])
+        )
+        assert layers.model.fp8.layers == ["attention"]
+        with pytest.raises(ConfigError, match=r"model: .*fp8.layers=\['mlp'\]: unknown"):
+            to_train_config(compose("train", [*fp8_tiny, "model.fp8.layers=[mlp]"]))
         with pytest.raises(ConfigError, match=r"model: .*fp8.enabled=true needs d_model=64 to be a multiple of 128"):
             to_train_config(compose("train", ["model=tiny", "model.fp8.enabled=true"]))
 
