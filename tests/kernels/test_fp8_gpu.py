@@ -75,6 +75,19 @@ def test_quantize_1x128_t_bytes(pow2, m, k):
     assert_same_bytes(got, fp8.quantize_1x128_t_reference(x, pow2_scales=pow2))
 
 
+@pytest.mark.parametrize(
+    "config", fq._quant_1x128_t_kernel.configs, ids=lambda c: f"b{c.kwargs['BLOCK']}w{c.num_warps}"
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_1x128_t_every_config(monkeypatch, config, dtype):
+    """Each autotuner config of the transposing quantizer (one at a time), bf16 and fp32 input: it transposes
+    fp8 tiles in registers (tl.trans), a path with known layout-dependent miscompiles in Triton (an fp8
+    transposed store, triton-lang/triton#11111), so every config the autotuner may pick is checked."""
+    monkeypatch.setattr(fq._quant_1x128_t_kernel, "configs", [config])
+    x = realistic(1000, 2048, dtype)
+    assert_same_bytes(fp8.quantize_1x128_t(x), fp8.quantize_1x128_t_reference(x))
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("m,k", [(4096, 7168), (1000, 2048), (1, 128), (4096 + 17, 256)])
 def test_quantize_1x128_dual_bytes(pow2, m, k):
