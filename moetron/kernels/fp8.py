@@ -258,10 +258,11 @@ def _block_scaled_mm(a, a_scale, b, b_scale_rows) -> torch.Tensor:
     is allowed (the weight-gradient GEMM's last group)."""
     k = a.shape[1]
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    for kb in range(_cdiv(k, SCALE_BLOCK)):
-        cols = slice(kb * SCALE_BLOCK, min(k, (kb + 1) * SCALE_BLOCK))
-        partial = a[:, cols].float() @ b[:, cols].float().t()  # (M, N): exact products, fp32 sum
-        acc += partial * (a_scale[:, kb, None] * b_scale_rows[None, :, kb])
+    with torch.autocast(a.device.type, enabled=False):  # fp32 sums even for a caller under autocast
+        for kb in range(_cdiv(k, SCALE_BLOCK)):
+            cols = slice(kb * SCALE_BLOCK, min(k, (kb + 1) * SCALE_BLOCK))
+            partial = a[:, cols].float() @ b[:, cols].float().t()  # (M, N): exact products, fp32 sum
+            acc += partial * (a_scale[:, kb, None] * b_scale_rows[None, :, kb])
     return acc
 
 

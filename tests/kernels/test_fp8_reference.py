@@ -258,3 +258,13 @@ def test_cpu_tensors_use_the_reference():
     q, s = fp8.quantize_1x128(x)
     q_ref, s_ref = fp8.quantize_1x128_reference(x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+def test_reference_gemms_sum_in_fp32_under_autocast():
+    """A caller under bf16 autocast still gets the fp32 block sums (autocast would make the matmuls bf16)."""
+    qa, sa = fp8.quantize_1x128_reference(torch.randn(64, 256))
+    qb, sb = fp8.quantize_128x128_reference(torch.randn(96, 256))
+    want = fp8.fp8_gemm_reference(qa, sa, qb, sb, out_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fp8.fp8_gemm_reference(qa, sa, qb, sb, out_dtype=torch.float32)
+    assert torch.equal(got, want)
