@@ -13,8 +13,8 @@ limit keeps what it measured. `--budget-s` stops the runs early instead (the BF1
 budget, the FP8 run by all of it); the comparison then uses the steps both completed and says so
 (`comparison.all_steps_compared: false`).
 
-No checkpoints (the run is stopped from its step callback after the last step, before the trainer's
-final save: a 2.5B-parameter checkpoint with its optimizer is ~40 GB), no evaluation, no wandb.
+No checkpoints (`trainer.save_final=false`: a 2.5B-parameter checkpoint with its optimizer is ~40 GB),
+no evaluation, no wandb.
 
 Cost of the defaults (deepseek_v3_mini, 300 steps of 4 x 2048 tokens, full activation checkpointing):
 bench/results/train_throughput*.json measured ~19k tokens/s for this setting on one H100, 0.43 s a
@@ -46,11 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_REL_DIFF = 0.01
 FINAL_WINDOW = 10  # final loss = mean over this many last steps
 CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "step_s", "tokens_per_sec")
-
-
-class _Stop(Exception):
-    """Raised from the step callback after the last step (or at the deadline): ends Trainer.fit before
-    its final checkpoint."""
 
 
 class Recorder:
@@ -94,12 +89,10 @@ class Recorder:
                 flush=True,
             )
             self.on_progress()
-        if step >= self.steps:
-            raise _Stop
-        if self.deadline is not None and time.time() > self.deadline:
+        if step < self.steps and self.deadline is not None and time.time() > self.deadline:
             self.stopped_early = True
             print(f"[{self.name}] --budget-s reached: stopping at step {step}", flush=True)
-            raise _Stop
+            trainer.request_stop()
 
     def summary(self) -> dict:
         skip = 5 if len(self.curve["step"]) > 10 else 1  # past warm-up and autotuning
@@ -152,6 +145,7 @@ def common_overrides(args) -> list[str]:
         f"trainer.activation_checkpointing={args.activation_checkpointing}",
         "trainer.eval_every=0",
         "trainer.checkpoint_every=0",
+        "trainer.save_final=false",
         "trainer.resume=none",
         "logging=quiet",
         "logging.console=false",
@@ -186,8 +180,6 @@ def train_one(name: str, overrides: list[str], run_dir: Path, steps: int, deadli
     record = {"overrides": overrides, "run_dir": str(run_dir)}
     try:
         run(cfg, run_dir=str(run_dir), callbacks=[recorder])
-    except _Stop:
-        pass
     except Exception:  # keep the other run's results; the error goes into the JSON
         record["error"] = traceback.format_exc()[-3000:]
         print(f"[{name}] FAILED:\n{record['error']}", file=sys.stderr, flush=True)

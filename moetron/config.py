@@ -93,6 +93,7 @@ class TrainerConfig:
     eval_every: int = 100  # 0: never
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end
+    save_final: bool = True  # a checkpoint after the last step (false: only the checkpoint_every ones)
     keep_last: int = 3
     async_checkpoint: bool = False
     resume: str = "auto"  # "auto": newest complete checkpoint in run_dir, "none", or a checkpoint directory

@@ -33,6 +33,7 @@ class Trainer:
         self.cfg, self.mesh, self.run_dir = cfg, mesh, Path(run_dir)
         self.callbacks = []  # called as fn(trainer, step, result) after every optimizer step
         self.step = 0
+        self.stop_requested = False  # set by request_stop(): fit() ends after the current step
         self._build()
 
     # ------------------------------------------------------------------ build
@@ -108,7 +109,7 @@ class Trainer:
         t = self.cfg.trainer
         skipped_in_a_row = 0
         try:
-            while self.step < t.steps:
+            while self.step < t.steps and not self.stop_requested:
                 batches = [self.data.next_train_batch(self.device) for _ in range(t.grad_accum)]
                 result = train_step(
                     self.model, self.plain, batches, self.optimizer, self.scheduler, self.mesh, self.autocast,
@@ -127,11 +128,16 @@ class Trainer:
                     self.save()
                 for callback in self.callbacks:
                     callback(self, self.step, result)
-            if not t.checkpoint_every or self.step % t.checkpoint_every:
+            if t.save_final and (not t.checkpoint_every or self.step % t.checkpoint_every):
                 self.save()
             self.checkpoints.wait()
         finally:
             self.metrics.close()
+
+    def request_stop(self) -> None:
+        """End fit() after the current step, as if it were the last (a callback's way to stop a run early,
+        e.g. at a time budget); the final checkpoint follows trainer.save_final."""
+        self.stop_requested = True
 
     def _evaluate(self) -> dict[str, float]:
         batches = self.data.eval_batches(self.cfg.trainer.eval_batches, self.device)

@@ -192,6 +192,27 @@ def test_nan_guard(cache_dir, tmp_path):
     assert math.isfinite(records[1]["loss"])
 
 
+def test_request_stop_and_save_final(cache_dir, tmp_path):
+    """A callback can end a run early (trainer.request_stop()); trainer.save_final=false skips the checkpoint
+    after the last step, true (the default) writes it at the step the run ended."""
+
+    def stop_at_2(trainer, step, result):
+        if step == 2:
+            trainer.request_stop()
+
+    for save_final in (False, True):
+        run_dir = tmp_path / str(save_final)
+        extra = ("trainer.steps=6", "trainer.checkpoint_every=0", f"trainer.save_final={save_final}")
+        run(compose_cfg(fast(cache_dir, run_dir, *extra)), run_dir=run_dir, callbacks=[stop_at_2])
+        assert sorted(losses(run_dir)) == [1, 2]
+        saved = (
+            sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+            if (run_dir / "checkpoints").exists()
+            else []
+        )
+        assert saved == ([] if not save_final else ["step_00000002"]), saved
+
+
 def test_activation_checkpointing_and_bf16_train(cache_dir, tmp_path):
     for mode in ("full", "selective"):
         cfg = compose_cfg(
