@@ -23,8 +23,8 @@ Granularities (the 128 is SCALE_BLOCK):
   transpose of a 128x128-quantized matrix is the 128x128 quantization of the transpose (each block keeps its
   scale), so one read gives both the forward's W (N, K) and the input gradient's W^T (K, N_pad). Not used by
   the layers yet: wired in (W^T saved for the backward) it cut a deepseek_v3_mini FP8 step from 485 to 372 ms
-  on the H100, but FP8Linear's and the model's GPU tests then failed, and the cause is not known yet
-  (bench/results/fp8_weight_dual_experiment.json);
+  on the H100, but FP8Linear's and the model's GPU tests then failed, cause not confirmed yet
+  (bench/results/fp8_weight_dual_experiment.json).
 
 GEMMs compute C = A @ B^T (both operands K-major, the layout FP8 tensor cores want). Each 128-wide K
 block's partial product comes from an FP8 MMA with an fp32 accumulator, is multiplied by

@@ -236,8 +236,8 @@ def test_fp8_layer_groups_choose_the_fp8_modules(arch, layers):
     seen = set()
     for name, module in model.named_modules():
         group = fp8_group_of(name)
-        in_mtp = name.startswith("mtp.")
-        wants = group in layers and (not in_mtp or "mtp" in layers)
+        in_fp8 = lambda g: g in layers and (not name.startswith("mtp.") or "mtp" in layers)  # noqa: E731, B023
+        wants = in_fp8(group)
         if isinstance(module, nn.Linear) and group is not None:
             assert isinstance(module, FP8Linear) == wants, name
             seen.add(group)
@@ -245,15 +245,11 @@ def test_fp8_layer_groups_choose_the_fp8_modules(arch, layers):
             assert module.fp8 == wants, name
             seen.add(group)
         if isinstance(module, MoE):
-            assert module.pad_groups_to == (128 if wants_experts(layers, in_mtp) else 1), name
+            assert module.pad_groups_to == (128 if in_fp8("routed_experts") else 1), name
     assert seen == {"attention", "dense_ffn", "shared_experts", "routed_experts"}  # every group was looked at
 
 
-def wants_experts(layers, in_mtp):
-    return "routed_experts" in layers and (not in_mtp or "mtp" in layers)
-
-
-def test_fp8_layer_groups_train_step_matches_bf16_where_off():
+def test_fp8_layer_groups_loss_matches_bf16_where_off():
     """With only the routed experts in FP8, the attention projections are plain nn.Linear: a model with
     fp8.layers=[] equals the bf16 model exactly, and excluding groups moves the loss toward it."""
     ref, full = fp32_and_fp8("gqa")
