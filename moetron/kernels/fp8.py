@@ -19,12 +19,12 @@ Granularities (the 128 is SCALE_BLOCK):
   separate kernels (413 us against 137 + 163 us at 16384 x 7168 bf16; its 128 x 128 fp32 tile per
   program needs tuning);
 * weights 128x128: one scale per block, `quantize_128x128`;
-* a weight and its transpose at once, `quantize_128x128_dual` (also per expert for (E, N, K) weights): the
+* a weight and its transpose, `quantize_128x128_dual` (also per expert for (E, N, K) weights): the
   transpose of a 128x128-quantized matrix is the 128x128 quantization of the transpose (each block keeps its
-  scale), so one read gives both the forward's W (N, K) and the input gradient's W^T (K, N_pad). Not used by
-  the layers yet: wired in (W^T saved for the backward) it cut a deepseek_v3_mini FP8 step from 485 to 372 ms
-  on the H100, but FP8Linear's and the model's GPU tests then failed, cause not confirmed yet
-  (bench/results/fp8_weight_dual_experiment.json).
+  scale), so the forward's W (N, K) and the input gradient's W^T (K, N_pad) come from one quantization.
+  The FP8 layers quantize W once per step with it and save W^T for the backward. Two launches of one
+  kernel (W, then W^T): a single launch storing the tile both ways wrote wrong bytes for fp32 weights on
+  the H100 (bench/results/fp8_weight_dual_experiment.json).
 
 GEMMs compute C = A @ B^T (both operands K-major, the layout FP8 tensor cores want). Each 128-wide K
 block's partial product comes from an FP8 MMA with an fp32 accumulator, is multiplied by
@@ -126,7 +126,7 @@ def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False, backend: str
 def quantize_128x128_dual(w: torch.Tensor, *, pow2_scales: bool = False, backend: str | None = None):
     """w (N, K) or per expert (E, N, K), K % 128 == 0 -> (q, s, qt, st): q, s = quantize_128x128(w) (per expert),
     qt (..., K, N_pad) = q^T with zero columns past N (N_pad = ceil(N / 128) * 128), st (..., K/128, N_pad/128)
-    = s^T. One read of w; the backward's dX = dY @ W takes (qt, st) as fp8_gemm's b."""
+    = s^T. The backward's dX = dY @ W takes (qt, st) as fp8_gemm's b."""
     _check_weight_input("quantize_128x128_dual", w)
     if _pick(backend, w) == "triton":
         from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton

@@ -15,10 +15,11 @@ What is saved for backward: the FP8 activation the weight gradient reads, x^T al
 half of a bf16 x). DeepSeek-V3 caches x in the forward's 1x128 layout and, for the wgrad, dequantizes,
 transposes and re-quantizes it (their section 3.5.2 asks hardware for a fused transpose); here x's
 1x128 tiles (for the forward GEMM) and x^T's (saved) are both quantized from x, which stores the same
-bytes and rounds x only once; likewise dY's two forms in the backward. The
-weight is not saved quantized: the backward re-quantizes the (saved by reference, so free) master
-weight, which gives the same FP8 weight (quantization is deterministic) for one extra read of W,
-instead of holding N*K bytes per layer for every micro-batch in flight.
+bytes and rounds x only once; likewise dY's two forms in the backward. The weight is quantized once,
+in the forward, into both layouts (`quantize_128x128_dual`: W for the forward GEMM and W^T for the
+dgrad), and W^T is saved in FP8: N*K bytes per layer and micro-batch in flight, against
+a re-quantization plus an FP8 transpose in every backward (measured: on small layers each launch is
+tens of microseconds of host time; on the mini model the transposes alone took 9% of the GPU time).
 
 Shapes FP8 needs: in_features % 128 == 0 (the forward reduces over it in 128-wide blocks).
 out_features may be anything: when it is not a multiple of 128 (MLA's kv_a_proj, 512 + 64 wide) the
@@ -58,6 +59,7 @@ from moetron.kernels.fp8 import (
     quantize_1x128,
     quantize_1x128_t,
     quantize_128x128,
+    quantize_128x128_dual,
 )
 
 FP8_BLOCK = SCALE_BLOCK  # 128: width of a quantization tile and of a scaled partial product
@@ -71,11 +73,6 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t (n, k) with zero rows appended up to `rows`."""
-    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
 
 
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -119,23 +116,24 @@ class FP8LinearFunction(torch.autograd.Function):
             # x in 1x128 tiles for the GEMM and, if W needs a gradient, x^T in 1x128 tiles along the tokens
             # (all the weight gradient needs of x).
             qx, sx, qxt, sxt = _quantize_forms(x2, True, ctx.needs_input_grad[1], pow2_scales, backend)
-            qw, sw = quantize_128x128(weight, pow2_scales=pow2_scales, backend=backend)
+            # W in 128x128 blocks and, if x needs a gradient, W^T (K, N_pad) for dX = dY @ W
+            qw, sw, qwt, swt = _quantize_weight(weight, ctx.needs_input_grad[0], pow2_scales, backend)
             if bias is None:
                 y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
             else:
                 y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
                 y = (y + bias.float()).to(out_dtype)
-        ctx.save_for_backward(qxt, sxt, weight)
+        ctx.save_for_backward(qxt, sxt, qwt, swt)
         ctx.pow2_scales, ctx.backend = pow2_scales, backend
-        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.x_dtype, ctx.x_shape, ctx.w_dtype, ctx.w_shape = x.dtype, x.shape, weight.dtype, weight.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*lead, out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qxt, sxt, weight = ctx.saved_tensors
+        qxt, sxt, qwt, swt = ctx.saved_tensors
         pow2, backend = ctx.pow2_scales, ctx.backend
-        out_features, in_features = weight.shape
+        out_features, in_features = ctx.w_shape
         n_pad = _round_up(out_features, FP8_BLOCK)
         dy = grad_out.reshape(-1, out_features)  # (M, N)
         dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
@@ -143,15 +141,12 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad))
             qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, *ctx.needs_input_grad[:2], pow2, backend)
-            if ctx.needs_input_grad[0]:
-                qw, sw = quantize_128x128(_pad_rows(weight, n_pad), pow2_scales=pow2, backend=backend)
-                # The transpose of a 128x128-block-quantized weight is itself block-quantized: exact.
-                qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # (K, N_pad), (K/128, N_pad/128)
+            if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
                 grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm.
                 grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=torch.float32, backend=backend)
-                grad_w = grad_w[:out_features].to(weight.dtype)
+                grad_w = grad_w[:out_features].to(ctx.w_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -210,30 +205,28 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         x = x.contiguous()
         with torch.autocast(x.device.type, enabled=False):
             qx, sx, qxt, sxt = _quantize_forms(x, True, ctx.needs_input_grad[1], pow2_scales, backend)
-            qw, sw = _quantize_experts(weight, pow2_scales, backend)
+            # each expert's W (E, N, K) and, if x needs a gradient, its W^T (E, K, N)
+            qw, sw, qwt, swt = _quantize_weight(weight, ctx.needs_input_grad[0], pow2_scales, backend)
             y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
-        ctx.save_for_backward(qxt, sxt, weight, group_ends)
-        ctx.pow2_scales, ctx.backend, ctx.x_dtype = pow2_scales, backend, x.dtype
+        ctx.save_for_backward(qxt, sxt, qwt, swt, group_ends)
+        ctx.pow2_scales, ctx.backend, ctx.x_dtype, ctx.w_dtype = pow2_scales, backend, x.dtype, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        qxt, sxt, weight, group_ends = ctx.saved_tensors
+        qxt, sxt, qwt, swt, group_ends = ctx.saved_tensors
         pow2, backend = ctx.pow2_scales, ctx.backend
         dy = grad_out.contiguous()  # (M, N)
         grad_x = grad_w = None
         with torch.autocast(dy.device.type, enabled=False):
             # N % 128 == 0 (checked in the forward): dY's 1x128 tiles (dgrad) and dY^T's (wgrad)
             qdy, sdy, qdyt, sdyt = _quantize_forms(dy, *ctx.needs_input_grad[:2], pow2, backend)
-            if ctx.needs_input_grad[0]:
-                qw, sw = _quantize_experts(weight, pow2, backend)
-                qwt = qw.transpose(1, 2).contiguous()  # (E, K, N): each expert's blocks transposed, exact
-                swt = sw.transpose(1, 2).contiguous()  # (E, K/128, N/128)
+            if ctx.needs_input_grad[0]:  # W^T (E, K, N) as quantized in the forward
                 grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
             if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
                 grad_w = fp8_grouped_gemm_wgrad(
                     qdyt, sdyt, qxt, sxt, group_ends, out_dtype=torch.float32, backend=backend
-                ).to(weight.dtype)  # (E, N, K)
+                ).to(ctx.w_dtype)  # (E, N, K)
         return grad_x, grad_w, None, None, None
 
 
@@ -249,14 +242,17 @@ def fp8_grouped_linear(
     return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend)
 
 
-def _quantize_experts(weight: torch.Tensor, pow2_scales: bool, backend):
-    """weight (E, N, K), N % 128 == 0 -> q (E, N, K), s (E, N/128, K/128): 128x128 blocks never
-    straddle two experts, so one quantization of the stacked (E*N, K) matrix serves all."""
-    n_experts, out_features, in_features = weight.shape
-    q, s = quantize_128x128(
-        weight.reshape(n_experts * out_features, in_features), pow2_scales=pow2_scales, backend=backend
-    )
-    return q.view(n_experts, out_features, in_features), s.view(n_experts, out_features // FP8_BLOCK, -1)
+def _quantize_weight(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend):
+    """(q, s, qt, st) of a weight (N, K) or per-expert weights (E, N, K) in 128x128 blocks; qt, st (W^T) only if
+    `transposed`, else None. The per-expert form quantizes the stacked (E*N, K) matrix in one launch: with
+    N % 128 == 0 no block straddles two experts."""
+    if transposed:
+        return quantize_128x128_dual(weight, pow2_scales=pow2_scales, backend=backend)
+    q, s = quantize_128x128(weight.reshape(-1, weight.shape[-1]), pow2_scales=pow2_scales, backend=backend)
+    if weight.dim() == 3:
+        n_experts, out_features, _ = weight.shape
+        q, s = q.view(weight.shape), s.view(n_experts, out_features // FP8_BLOCK, -1)
+    return q, s, None, None
 
 
 def _round_up(n: int, multiple: int) -> int:

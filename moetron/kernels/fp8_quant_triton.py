@@ -1,5 +1,5 @@
-"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, both at once; 128x128, with or without its
-transpose) and their launchers.
+"""Triton kernels of the FP8 quantizers (1x128, transposed 1x128, both at once; 128x128 and its transpose)
+and their launchers.
 
 The semantics, argument checks and torch references are in moetron/kernels/fp8.py; the launchers here
 assume checked arguments. The block-scaled GEMMs are in moetron/kernels/fp8_gemm_triton.py.
@@ -90,27 +90,15 @@ def _quant_1x128_t_kernel(X, QT, ST, M, K, stride_xm, stride_qk, stride_sk, POW2
 
 @triton.autotune(configs=[triton.Config({}, num_warps=4 if INTERPRET else 8)], key=[])
 @triton.jit
-def _quant_128x128_kernel(W, Q, S, N, K, stride_wn, stride_qn, stride_sn, POW2: tl.constexpr):
-    nb, kb = tl.program_id(0), tl.program_id(1)
-    rows = nb * _SB + tl.arange(0, _SB)
-    cols = kb * _SB + tl.arange(0, _SB)
-    ok = (rows < N)[:, None]
-    r64 = rows.to(tl.int64)
-    w = tl.load(W + r64[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # (128, 128)
-    scale = _block_scale(tl.max(tl.max(tl.abs(w), 1), 0), POW2)  # scalar
-    tl.store(Q + r64[:, None] * stride_qn + cols[None, :], _to_e4m3(w, scale), mask=ok)
-    tl.store(S + nb * stride_sn + kb, scale)
-
-
-@triton.autotune(configs=[triton.Config({}, num_warps=4 if INTERPRET else 8)], key=[])
-@triton.jit
-def _quant_128x128_dual_kernel(
-    W, Q, S, QT, ST, N, K,
-    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_qte, stride_qtk, stride_ste, stride_stk,
-    POW2: tl.constexpr,
+def _quant_128x128_kernel(
+    W, Q, S, N, K, stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
+    POW2: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    """One 128x128 block of expert e's weight: q and s as _quant_128x128_kernel, and the transposed block into
-    qt (K, N_pad), st (K/128, N_pad/128). Rows past N read 0, so qt's padding columns come out 0."""
+    """One 128x128 block (nb, kb) of expert e's weight W (E, N, K) -> its e4m3 codes and scale: into
+    Q (E, N, K), S (E, N/128, K/128), or with TRANSPOSED into Q (E, K, N_pad), S (E, K/128, N_pad/128)
+    (rows of W past N read 0 and give the zero padding columns). The transposed form is its own launch:
+    one kernel storing the tile both ways wrote wrong bytes for fp32 weights on the H100 (Triton 3.6
+    layout conversion of the fp8 tile), while each store alone is exact (tests/kernels/test_fp8_gpu.py)."""
     nb, kb, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = nb * _SB + tl.arange(0, _SB)
     cols = kb * _SB + tl.arange(0, _SB)
@@ -118,14 +106,13 @@ def _quant_128x128_dual_kernel(
     r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
     w = tl.load(W + e * stride_we + r64[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     scale = _block_scale(tl.max(tl.max(tl.abs(w), 1), 0), POW2)  # scalar
-    q = _to_e4m3(w, scale)  # (128 rows of N, 128 of K)
-    tl.store(Q + e * stride_qe + r64[:, None] * stride_qn + cols[None, :], q, mask=ok)
-    tl.store(S + e * stride_se + nb * stride_sn + kb, scale)
-    # The transpose is taken of the fp32 tile, then cast (the same division per element, so the same bytes as
-    # q^T): a 32-bit register transpose rather than an 8-bit one.
-    qt = _to_e4m3(tl.trans(w), scale)  # (128 of K, 128 of N)
-    tl.store(QT + e * stride_qte + c64[:, None] * stride_qtk + rows[None, :], qt)
-    tl.store(ST + e * stride_ste + kb * stride_stk + nb, scale)
+    if TRANSPOSED:  # as _quant_1x128_t_kernel: cast, transpose in registers, store K-major
+        qt = tl.trans(_to_e4m3(w, scale))  # (128 of K, 128 of N)
+        tl.store(Q + e * stride_qe + c64[:, None] * stride_qn + rows[None, :], qt)
+        tl.store(S + e * stride_se + kb * stride_sn + nb, scale)
+    else:
+        tl.store(Q + e * stride_qe + r64[:, None] * stride_qn + cols[None, :], _to_e4m3(w, scale), mask=ok)
+        tl.store(S + e * stride_se + nb * stride_sn + kb, scale)
 
 
 def _dual_configs() -> list[triton.Config]:
@@ -182,13 +169,22 @@ def quantize_1x128_t_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     return qt, st
 
 
+def _launch_128x128(w3, q3, s3, pow2_scales: bool, transposed: bool):
+    """w3 (E, N, K) into q3, s3 (E-leading, laid out as _quant_128x128_kernel's TRANSPOSED says)."""
+    n_experts, n, k = w3.shape
+    if n_experts and n and k:
+        grid = (triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, n_experts)
+        _quant_128x128_kernel[grid](
+            w3, q3, s3, n, k, w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
+            POW2=pow2_scales, TRANSPOSED=transposed,
+        )  # fmt: skip
+
+
 def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     n, k = w.shape
     w = w if w.stride(1) == 1 else w.contiguous()
     q, s = out or (_empty(n, k, FP8_DTYPE, w), _empty(triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, torch.float32, w))
-    if n and k:
-        grid = (s.shape[0], s.shape[1])
-        _quant_128x128_kernel[grid](w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
+    _launch_128x128(w.unsqueeze(0), q.unsqueeze(0), s.unsqueeze(0), pow2_scales, transposed=False)
     return q, s
 
 
@@ -198,7 +194,6 @@ def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     n_experts, n, k = w3.shape
     nb, kb = triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK
-    n_pad = nb * SCALE_BLOCK
 
     def empty(*shape, dtype):
         return torch.empty(n_experts, *shape, dtype=dtype, device=w.device)
@@ -206,17 +201,12 @@ def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     q, s, qt, st = out or (
         empty(n, k, dtype=FP8_DTYPE),
         empty(nb, kb, dtype=torch.float32),
-        empty(k, n_pad, dtype=FP8_DTYPE),
+        empty(k, nb * SCALE_BLOCK, dtype=FP8_DTYPE),
         empty(kb, nb, dtype=torch.float32),
     )
     q3, s3, qt3, st3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (q, s, qt, st))
-    if n_experts and n and k:
-        _quant_128x128_dual_kernel[(nb, kb, n_experts)](
-            w3, q3, s3, qt3, st3, n, k,
-            w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
-            qt3.stride(0), qt3.stride(1), st3.stride(0), st3.stride(1),
-            POW2=pow2_scales,
-        )  # fmt: skip
+    _launch_128x128(w3, q3, s3, pow2_scales, transposed=False)
+    _launch_128x128(w3, qt3, st3, pow2_scales, transposed=True)
     if w.dim() == 2 and out is None:
         return q[0], s[0], qt[0], st[0]
     return q, s, qt, st

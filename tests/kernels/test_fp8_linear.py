@@ -269,31 +269,39 @@ def test_fp8_grouped_linear_autocast_and_errors():
 
 
 def spy_quantizers(monkeypatch):
-    """Counts the activation quantizer calls of moetron.kernels.fp8_linear by name."""
+    """Counts the quantizer calls of moetron.kernels.fp8_linear by name."""
     import moetron.kernels.fp8_linear as fl
 
     calls = []
-    for name in ("quantize_1x128", "quantize_1x128_t"):
+    for name in ("quantize_1x128", "quantize_1x128_t", "quantize_128x128", "quantize_128x128_dual"):
         real = getattr(fl, name)
         monkeypatch.setattr(fl, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     return calls
 
 
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad):
-    """x's and dY's transposed forms are made only when the weight needs a gradient."""
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, input_grad):
+    """x's and dY's transposed forms are made only when the weight needs a gradient, dY's rows only when x
+    does; the weight is quantized once per step, in the forward, with its transpose only when x needs a
+    gradient (the backward reuses it)."""
+    if not (weight_grad or input_grad):
+        pytest.skip("nothing to differentiate")
     calls = spy_quantizers(monkeypatch)
-    _, fp8 = pair(256, 144, bias=True)
+    _, fp8 = pair(256, 144, bias=False)
     fp8.weight.requires_grad_(weight_grad)
-    run(fp8, torch.randn(70, 256), torch.randn(70, 144))
-    want = ["quantize_1x128", "quantize_1x128_t"] * 2 if weight_grad else ["quantize_1x128"] * 2
-    assert calls == want
+    weight_form = "quantize_128x128_dual" if input_grad else "quantize_128x128"
+    forward = ["quantize_1x128"] + ["quantize_1x128_t"] * weight_grad + [weight_form]
+    backward = ["quantize_1x128"] * input_grad + ["quantize_1x128_t"] * weight_grad
+    x = torch.randn(70, 256).requires_grad_(input_grad)
+    fp8(x).backward(torch.randn(70, 144))
+    assert calls == forward + backward
     calls.clear()
     group_ends, real, _ = padded_groups([30, 130])
-    x = (torch.randn(real.numel(), 128) * real[:, None]).requires_grad_()
+    x = (torch.randn(real.numel(), 128) * real[:, None]).requires_grad_(input_grad)
     weight = (torch.randn(2, 128, 128) * 0.05).requires_grad_(weight_grad)
     fp8_grouped_linear(x, weight, group_ends).sum().backward()
-    assert calls == want
+    assert calls == forward + backward
 
 
 # ------------------------------------------------------------------------------------------- GPU
