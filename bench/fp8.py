@@ -192,6 +192,10 @@ def gemm_row(m, n, k, label, fp8, args, device) -> dict:
         aq, a_s = f.quantize_1x128(a)
         bq, b_s = f.quantize_128x128(b)
         impls["moetron_fp8"] = lambda: f.fp8_gemm(aq, a_s, bq, b_s, out_dtype=torch.bfloat16)
+        if device.type == "cuda":  # the Triton kernel alone (fp8_gemm takes the Gluon one on the H100)
+            from moetron.kernels.fp8_gemm_triton import fp8_gemm_triton
+
+            impls["moetron_fp8_triton"] = lambda: fp8_gemm_triton(aq, a_s, bq, b_s, torch.bfloat16, gluon=False)
         impls["moetron_fp8_quant"] = lambda: f.fp8_gemm(
             *f.quantize_1x128(a), *f.quantize_128x128(b), out_dtype=torch.bfloat16
         )
@@ -221,6 +225,7 @@ def gemm_row(m, n, k, label, fp8, args, device) -> dict:
             ("moetron_fp8", "scaled_mm_rowwise"),
             ("moetron_fp8", "scaled_mm_tensorwise"),
             ("moetron_fp8", "torch_bf16"),
+            ("moetron_fp8_triton", "scaled_mm_rowwise"),
             ("moetron_fp8_quant", "scaled_mm_rowwise"),
             ("moetron_fp8_quant", "torch_bf16"),
         ],
@@ -359,7 +364,7 @@ def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
 
 # ---------------------------------------------------------------------------------------------- report
 COLUMNS = {
-    "gemm": ["moetron_fp8", "moetron_fp8_quant", "torch_bf16", "scaled_mm_tensorwise", "scaled_mm_rowwise"],
+    "gemm": ["moetron_fp8", "moetron_fp8_triton", "moetron_fp8_quant", "torch_bf16", "scaled_mm_tensorwise", "scaled_mm_rowwise"],
     "grouped": ["moetron_fp8", "moetron_fp8_quant", "grouped_mm_bf16", "scaled_grouped_mm_rowwise"],
     "linear": ["moetron_fp8", "torch_bf16"],
 }

@@ -44,9 +44,10 @@ def fp8(data: dict) -> str:
     out = []
     sections = {
         "gemm": (
-            ["shape M x N x K", "what", "moetron fp8_gemm", "+ quantize", "bf16 matmul", "cuBLAS fp8 tensorwise",
-             "cuBLAS fp8 rowwise", "vs rowwise", "vs bf16"],
-            lambda r: [r["moetron_fp8"], r["moetron_fp8_quant"], r["torch_bf16"], r["scaled_mm_tensorwise"],
+            ["shape M x N x K", "what", "moetron fp8_gemm", "(Triton kernel)", "+ quantize", "bf16 matmul",
+             "cuBLAS fp8 tensorwise", "cuBLAS fp8 rowwise", "vs rowwise", "vs bf16"],
+            lambda r: [r["moetron_fp8"], r.get("moetron_fp8_triton"), r["moetron_fp8_quant"], r["torch_bf16"],
+                       r["scaled_mm_tensorwise"],
                        r["scaled_mm_rowwise"], _fmt(r["ratio_moetron_fp8_vs_scaled_mm_rowwise"], 2),
                        _fmt(r["ratio_moetron_fp8_vs_torch_bf16"], 2)],
         ),

@@ -176,9 +176,61 @@ def test_gemm_every_config(monkeypatch, config, b_form):
     pin(monkeypatch, config)
     m, n, k = 1000, 1000, 1024  # neither M nor N a multiple of any tile
     qa, sa, qb, sb, sb_rows = quantized(m, n, k, b_form)
-    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, out=poison(m, n))
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, gluon=False, out=poison(m, n))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
     assert_accumulation_close(out, ref, abs_product(qa, sa, qb, sb_rows))
+
+
+hopper_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only"
+)
+
+
+@hopper_only
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 128, 128), (70, 96, 384), (193, 200, 2048), (1000, 1536, 1024), (4096, 4096, 4096), (3000, 2112, 7168)],
+)
+def test_gemm_gluon(m, n, k, out_dtype):
+    """The warp-specialized Gluon kernel: partial tiles in M (192-row tiles) and N, a single K block, 16-bit
+    outputs through the TMA store and fp32 through masked stores, into poisoned buffers."""
+    qa, sa, qb, sb, sb_rows = quantized(m, n, k)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, gluon=True, out=poison(m, n, dtype=out_dtype))
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    bound = abs_product(qa, sa, qb, sb_rows)
+    if out_dtype == torch.float32:
+        assert_accumulation_close(out, ref, bound)
+    else:  # plus the output rounding (2^-9 relative for bf16)
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+
+
+@hopper_only
+def test_gemm_gluon_strided_output_and_dispatch(monkeypatch):
+    """A column slice of a wider buffer as `out` (the TMA store clips to the view), and the public fp8_gemm
+    takes the Gluon kernel on the H100 for weight-block scales, the Triton kernel for 1x128 b-scales or with
+    MOETRON_FP8_GLUON=0."""
+    import moetron.kernels.fp8_gemm_gluon as gluon_module
+
+    m, n, k = 700, 200, 512
+    qa, sa, qb, sb, sb_rows = quantized(m, n, k)
+    wide = poison(m, n + 56, dtype=torch.bfloat16)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.bfloat16, gluon=True, out=wide[:, :n])
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * abs_product(qa, sa, qb, sb_rows)).all()
+    assert wide[:, n:].isnan().all()  # untouched past the view
+
+    calls = []
+    real = gluon_module.fp8_gemm_gluon
+    monkeypatch.setattr(gluon_module, "fp8_gemm_gluon", lambda *a: calls.append(1) or real(*a))
+    fp8.fp8_gemm(qa, sa, qb, sb)
+    assert calls == [1]
+    qr, sr = fp8.quantize_1x128(torch.randn(n, k, device="cuda"))  # 1x128 b-scales: the Triton kernel
+    fp8.fp8_gemm(qa, sa, qr, sr)
+    monkeypatch.setenv("MOETRON_FP8_GLUON", "0")
+    fp8.fp8_gemm(qa, sa, qb, sb)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("tma", [True, False])
