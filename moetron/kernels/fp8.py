@@ -32,7 +32,9 @@ a_scale * b_scale and added to a separate fp32 accumulator: DeepSeek-V3's "promo
 which bounds the error of the tensor core's limited-precision accumulation to one block.
 
 Dispatch: Triton for CUDA tensors on compute capability >= 8.9 (FP8 tensor cores) or under
-TRITON_INTERPRET=1, the reference otherwise; `backend="triton" | "torch"` forces one.
+TRITON_INTERPRET=1, the reference otherwise; `backend="triton" | "torch"` forces one. On sm_90 (Hopper)
+`fp8_gemm` with weight-block b-scales runs the warp-specialized Gluon kernel instead of the Triton one
+(moetron/kernels/fp8_gemm_gluon.py; MOETRON_FP8_GLUON=0 turns it off).
 """
 
 from __future__ import annotations
