@@ -364,7 +364,14 @@ def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
 
 # ---------------------------------------------------------------------------------------------- report
 COLUMNS = {
-    "gemm": ["moetron_fp8", "moetron_fp8_triton", "moetron_fp8_quant", "torch_bf16", "scaled_mm_tensorwise", "scaled_mm_rowwise"],
+    "gemm": [
+        "moetron_fp8",
+        "moetron_fp8_triton",
+        "moetron_fp8_quant",
+        "torch_bf16",
+        "scaled_mm_tensorwise",
+        "scaled_mm_rowwise",
+    ],
     "grouped": ["moetron_fp8", "moetron_fp8_quant", "grouped_mm_bf16", "scaled_grouped_mm_rowwise"],
     "linear": ["moetron_fp8", "torch_bf16"],
 }
