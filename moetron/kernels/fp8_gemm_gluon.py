@@ -22,7 +22,7 @@ programs share A and B tiles in L2. 16-bit outputs leave through shared memory a
 rows past M and columns past N); fp32 outputs (3 x 32 KB of staging would not fit next to the ring) with
 masked stores.
 
-Measured on the H100 (.exp exploration recorded in bench/results/fp8.json): 192 x 128 tiles with three
+Measured on the H100 (bench/results/fp8_gluon_variants_experiment.json): 192 x 128 tiles with three
 consumer warpgroups beat 128 x 128 with two (less L2 -> shared-memory traffic per FLOP), a persistent
 variant and 128 x 256 tiles (whose two partials spill registers).
 
@@ -141,7 +141,7 @@ def _fp8_gemm_ws_kernel(
 ):  # fmt: skip
     """One 192 x 128 output tile per program: three consumer warpgroups (the default partition is the first)
     and a loader warp sharing the shared-memory ring."""
-    PARTS: gl.constexpr = 3
+    PARTS: gl.constexpr = 3  # consumer warpgroups: the three partitions below (N_CONSUMERS on the host)
     k_blocks = gl.cdiv(K, a_desc.block_type.shape[1])
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * PARTS] + a_desc.block_type.shape, a_desc.layout)
     b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)

@@ -270,10 +270,10 @@ def _bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-def _gluon_ok(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
-    """The warp-specialized Gluon kernel (moetron/kernels/fp8_gemm_gluon.py) runs on sm_90 (wgmma) with TMA-able
-    operands, unless MOETRON_FP8_GLUON=0."""
-    if os.environ.get("MOETRON_FP8_GLUON", "1") == "0" or not _tma_ok(a, b) or _capability(a.device.index) != (9, 0):
+def _gluon_ok(c: torch.Tensor) -> bool:
+    """For TMA-able operands: the warp-specialized Gluon kernel (moetron/kernels/fp8_gemm_gluon.py) runs on
+    sm_90 (wgmma) into c, unless MOETRON_FP8_GLUON=0."""
+    if os.environ.get("MOETRON_FP8_GLUON", "1") == "0" or _capability(c.device.index) != (9, 0):
         return False
     return c.stride(-1) == 1 and c.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
@@ -288,11 +288,13 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
     if k == 0:
         return c.zero_()
     b_rows = 1 if b_scale.shape[0] == n else SCALE_BLOCK  # per-row scales when both forms agree (N = 1)
-    if b_rows == SCALE_BLOCK and (gluon if gluon is not None else tma is None and _gluon_ok(a, b, c)):
+    use_tma = _tma_ok(a, b) if tma is None else tma
+    if gluon is None:  # picked only when no operand path was forced
+        gluon = tma is None and use_tma and _gluon_ok(c)
+    if gluon and b_rows == SCALE_BLOCK:
         from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
         return fp8_gemm_gluon(a, a_scale, b, b_scale, c)
-    use_tma = _tma_ok(a, b) if tma is None else tma
     a_desc, b_desc = _descs(a, b, use_tma)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](
