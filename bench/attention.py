@@ -1,9 +1,13 @@
-"""Attention throughput on one GPU: moetron's Triton kernel vs torch SDPA (FlashAttention-2 and cuDNN
+"""Attention throughput on one GPU: moetron's kernels vs torch SDPA (FlashAttention-2 and cuDNN
 backends), forward and forward+backward, in TFLOP/s, side by side in one run.
 
 FLOPs: forward 4 * batch * heads * seq_q * seq_k * (d_qk + d_v) / 2 (two matmuls), halved when causal;
 backward 2.5x forward (five matmuls, the FlashAttention papers' convention). Writes JSON with the
 command, git sha, device and versions.
+
+Columns: `moetron_triton` is flash_attention(backend="triton") as dispatched (on an H100 the forward of
+the head dims attention_gluon.HEAD_DIMS runs the warp-specialized Gluon kernel); `triton_kernel` is the
+same call with MOETRON_ATTN_GLUON=0 (the Triton kernels only).
 
     python bench/attention.py --out bench/results/attention.json --git-sha SHA
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moetron.kernels import attention_triton_kernels, flash_attention
+from moetron.kernels import attention_gluon, attention_triton_kernels, flash_attention
 
 SHAPES = [  # (batch, heads, seq, d_qk, d_v)
     (4, 32, 4096, 128, 128),
@@ -50,12 +55,25 @@ def timed(fn, mode):
     return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=None)
 
 
-def chosen_configs(mode):
-    """The autotuner's pick for the shape just timed (tile, warps, stages, tensor descriptors or not)."""
+def triton_only(q, k, v, causal):
+    """flash_attention on the Triton kernels alone (the Gluon forward switched off)."""
+    os.environ["MOETRON_ATTN_GLUON"] = "0"
+    try:
+        return flash_attention(q, k, v, causal=causal, backend="triton")
+    finally:
+        os.environ.pop("MOETRON_ATTN_GLUON")
+
+
+def chosen_configs(mode, q, v):
+    """The autotuner's pick for the shape just timed (tile, warps, stages, tensor descriptors or not), and
+    which forward kernel flash_attention dispatched to."""
     kernels = {"fwd": attention_triton_kernels._fwd_kernel}
     if mode == "fwd_bwd":
         kernels.update(dkdv=attention_triton_kernels._bwd_dkdv_kernel, dq=attention_triton_kernels._bwd_dq_kernel)
-    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
+    configs = {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
+    if attention_gluon.supported(q, q, v):
+        configs["fwd_moetron_triton"] = "gluon: persistent, 2 consumer warpgroups x 64 rows, 128-key blocks"
+    return configs
 
 
 def main():
@@ -73,7 +91,8 @@ def main():
             impls = {
                 "moetron_triton": lambda q=q, k=k, v=v, causal=causal: flash_attention(
                     q, k, v, causal=causal, backend="triton"
-                )
+                ),
+                "triton_kernel": lambda q=q, k=k, v=v, causal=causal: triton_only(q, k, v, causal),
             }
             for name, backend in (
                 ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
@@ -94,8 +113,8 @@ def main():
                     except Exception as e:  # a backend that does not take this shape
                         row[name] = None
                         row[f"{name}_error"] = str(e).splitlines()[0][:160]
-                row["moetron_configs"] = chosen_configs(mode)
-                for peer in ("sdpa_flash", "sdpa_cudnn"):
+                row["moetron_configs"] = chosen_configs(mode, q, v)
+                for peer in ("sdpa_flash", "sdpa_cudnn", "triton_kernel"):
                     if row.get(peer) and row.get("moetron_triton"):
                         row[f"ratio_vs_{peer}"] = round(row["moetron_triton"] / row[peer], 3)
                 print(json.dumps(row), flush=True)

@@ -33,10 +33,12 @@ def attention(data: dict) -> str:
         dims = f"{dq}" if dq == dv else f"{dq}/{dv}"
         rows.append([
             f"({b}, {h}, {s}, {dims})", "causal" if r["causal"] else "full",
-            "fwd" if r["mode"] == "fwd" else "fwd+bwd", _fmt(r["moetron_triton"]), _fmt(r.get("sdpa_flash")),
-            _fmt(r.get("sdpa_cudnn")), _fmt(r.get("ratio_vs_sdpa_cudnn"), 2), _fmt(r.get("ratio_vs_sdpa_flash"), 2),
+            "fwd" if r["mode"] == "fwd" else "fwd+bwd", _fmt(r["moetron_triton"]), _fmt(r.get("triton_kernel")),
+            _fmt(r.get("sdpa_flash")), _fmt(r.get("sdpa_cudnn")), _fmt(r.get("ratio_vs_sdpa_cudnn"), 2),
+            _fmt(r.get("ratio_vs_sdpa_flash"), 2),
         ])  # fmt: skip
-    header = ["shape", "mask", "pass", "moetron Triton", "SDPA flash", "SDPA cuDNN", "vs cuDNN", "vs flash"]
+    header = ["shape", "mask", "pass", "moetron", "(Triton kernels)", "SDPA flash", "SDPA cuDNN", "vs cuDNN",
+              "vs flash"]  # fmt: skip
     return _table(header, rows)
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 import triton
 
+try:  # Gluon (Triton >= 3.6): the warp-specialized Hopper forward
+    from moetron.kernels import attention_gluon
+except ImportError:  # pragma: no cover - older Triton
+    attention_gluon = None
 from moetron.kernels.attention_triton_kernels import (
     INTERPRET,
     LOG2E,
@@ -55,6 +59,11 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     triton.set_allocator(_scratch)
     out = torch.empty(q2.shape[0], n_heads, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n_heads, q2.shape[0], device=q.device, dtype=torch.float32)
+    if attention_gluon is not None and attention_gluon.supported(q, k, v):
+        attention_gluon.gluon_attention_forward(
+            q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, n_heads // n_kv, causal, scale, window
+        )
+        return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _fwd_kernel[grid](
         q2, k2, v2, out, lse, cu_q, cu_k,

@@ -7,30 +7,13 @@ H100's 227 KB of shared memory fails here. Its results are checked on the GPU
 """
 
 import os
-import re
-import subprocess
 
 import pytest
 import torch
 import triton
+from sm90_compile import PTXAS, SMEM_LIMIT, compile_for_hopper, spill_bytes
 
 gluon_kernel = pytest.importorskip("moetron.kernels.fp8_gemm_gluon")
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
-def compile_for_hopper(kernel, args, constexprs):
-    """What kernel[grid](*args, **constexprs) would build on an H100, built here without a GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **constexprs)
-    options, signature, consts, attrs = kernel._pack_args(backend, constexprs, bound, specialization, options)
-    return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=target, options=options.__dict__)
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
@@ -46,11 +29,5 @@ def test_gluon_gemm_compiles_for_hopper(tmp_path, out_dtype):
     assert constexprs["TMA_STORE"] == (out_dtype == torch.bfloat16)  # fp32 staging would not fit
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 16  # 3 consumer warpgroups + the loader warp padded to a warpgroup
-    assert compiled.metadata.shared <= 227 * 1024
-    ptx = tmp_path / "kernel.ptx"
-    ptx.write_text(compiled.asm["ptx"])
-    log = subprocess.run(
-        [PTXAS, "-v", "--gpu-name=sm_90a", str(ptx), "-o", os.devnull], capture_output=True, text=True, check=True
-    ).stderr
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    assert spills and not any(spills), log  # register budgets per partition leave no spills
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills

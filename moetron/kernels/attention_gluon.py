@@ -1,0 +1,429 @@
+"""Warp-specialized FlashAttention forward for Hopper (sm_90), in Gluon (Triton 3.6's explicit-layout dialect).
+
+The same arithmetic as the Triton forward (moetron/kernels/attention_triton_kernels.py: online softmax
+over key blocks in log2 units, fp32 accumulation, logsumexp saved for the backward), organized the way
+FlashAttention-3 (Shah et al. 2024) organizes it on Hopper. Each program owns 128 query rows of one head
+and is split into partitions that run concurrently on the SM:
+
+* a loader (1 warp): TMA copies of the two 64-row query tiles once, then of the key and value tiles of
+  every key block into a STAGES-deep ring of shared memory; `k_ready[s]`/`v_ready[s]` complete when
+  stage s has landed, `k_empty[s]`/`v_empty[s]` when both consumers are done reading it;
+* two consumer warpgroups (4 warps each), each owning 64 query rows. Per key block j a consumer issues
+  S_j = Q K_j^T and, behind it, O += P_{j-1} V_{j-1} (both asynchronous wgmma), waits for S_j only,
+  computes the softmax of block j on the CUDA cores while the P V product runs on the tensor cores,
+  then waits for it and rescales O. That is FlashAttention-3's intra-warpgroup overlap; the two
+  warpgroups drift apart, so one's softmax also overlaps the other's matrix products.
+
+Masks: only the blocks that need one pay for it (the causal diagonal, windows, the partial last block);
+causal programs run longest-first (the last query block first) so that the short ones fill the tail.
+Batches are variable-length sequences as in the Triton kernels (cu_q, cu_k row offsets of the flattened
+(tokens, heads, dim) tensors). Tiles are read through host tensor descriptors over (tokens, heads * dim):
+rows past a sequence belong to the next one, so keys past k_len are masked and query rows past q_len
+are computed but never written (outputs leave through masked stores).
+
+Shapes served: bf16/fp16, head dims (q/k, v) in {(64, 64), (128, 128), (192, 128)}, any lengths, causal
+or not, windows, GQA. `supported()` says whether an input qualifies; the Triton kernel serves the rest,
+TRITON_INTERPRET=1 and other GPUs (Gluon has no interpreter mode). tests/kernels/test_attention_gluon.py
+compiles this kernel for sm_90a on the CPU (Triton ships ptxas); GPU tests in test_attention_gpu.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
+BLOCK_M = 2 * WG_ROWS  # two consumer warpgroups per program
+BLOCK_N = 128  # keys per block
+CONSUMER_REGS = 232  # the worker consumer, per thread: O (64 fp32) + S (64) + P (32) + softmax state; the default gets 240
+LOADER_REGS = 32
+HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
+LOG2E = 1.4426950408889634
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def _stages(d_qk: int, d_v: int) -> int:
+    """Ring depth that fits next to the query tiles in 227 KB of shared memory."""
+    return 3 if max(d_qk, d_v) <= 64 else 2
+
+
+@gluon.jit
+def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
+    """Key blocks a query block [m0, m0 + BLOCK_M) visits, [lo, hi); from `full` on they need a mask (the
+    causal diagonal, the partial last block, every block of a window). At least one block, so that a
+    query block that sees no key at all still runs (fully masked: its output is 0, its logsumexp -inf)."""
+    lo = 0
+    hi = k_len
+    if CAUSAL:
+        hi = gl.minimum(k_len, m0 + BLOCK_M + offset)
+        full = gl.maximum(0, gl.minimum(m0 + offset + 1, k_len)) // BLOCK_N * BLOCK_N
+    else:
+        full = k_len // BLOCK_N * BLOCK_N
+    if HAS_WINDOW:
+        lo = gl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
+        full = lo
+    hi = gl.maximum(hi, lo + 1)
+    full = gl.minimum(full, hi)
+    return lo, full, hi
+
+
+@gluon.jit
+def _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """Half `half` of work unit u -> (head, first query and key rows of its sequence, their lengths, first
+    query of its block). Query blocks of one head are consecutive units (they share keys and values in
+    L2). Causal units pair query block j with block n - 1 - j, longest first: every unit then costs
+    about the same n + 1 key blocks, so handing units out round-robin balances the programs (blocks
+    handed out alone would give some programs mostly long blocks and others mostly short ones).
+    A unit's second half that repeats its first (the middle block of an odd count) gets m0 = 2^30:
+    past every sequence, skipped."""
+    if CAUSAL:
+        per_head = (n_q_blocks + 1) // 2
+        j = u % per_head
+        bh = u // per_head
+        pid_m = (n_q_blocks - 1 - j) * (1 - half) + j * half
+        m0 = gl.where((half == 0) | (j != n_q_blocks - 1 - j), pid_m * BLOCK_M, 1 << 30)
+    else:
+        bh = u // n_q_blocks
+        m0 = u % n_q_blocks * BLOCK_M
+    b = bh // n_heads
+    q_start = gl.load(cu_q + b)
+    k_start = gl.load(cu_k + b)
+    return bh % n_heads, q_start, k_start, gl.load(cu_q + b + 1) - q_start, gl.load(cu_k + b + 1) - k_start, m0
+
+
+@gluon.jit
+def _loader(
+    Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+    cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads, group, window, n_q_blocks, n_units,
+    D_QK: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+):  # fmt: skip
+    """Producer partition: for each work item, both warpgroups' query tiles (once the previous item's last
+    Q K^T is done), then key block j's K and V into ring stage c % STAGES (c counts blocks over items).
+    Query/key tiles of head dim 192 come in two column pieces, 128 + 64 wide (TMA boxes are powers of
+    two): the tail tiles. The descriptors are built here, on the device, once per program."""
+    ROWS: gl.constexpr = q_tiles.shape[1]
+    MAIN: gl.constexpr = q_tiles.shape[2]
+    TAIL: gl.constexpr = D_QK > MAIN
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    D_V: gl.constexpr = v_ring.shape[2]
+    q_desc = tma.make_tensor_descriptor(Q, [total_q, n_heads * D_QK], [stride_qt, 1], [ROWS, MAIN], q_tiles.layout)
+    k_desc = tma.make_tensor_descriptor(K, [total_k, n_heads // group * D_QK], [stride_kt, 1], [BLOCK_N, MAIN],
+                                        k_ring.layout)  # fmt: skip
+    v_desc = tma.make_tensor_descriptor(V, [total_k, n_heads // group * D_V], [stride_vt, 1], [BLOCK_N, D_V],
+                                        v_ring.layout)  # fmt: skip
+    if TAIL:
+        qt_desc = tma.make_tensor_descriptor(Q, [total_q, n_heads * D_QK], [stride_qt, 1], [ROWS, D_QK - MAIN],
+                                             qt_tiles.layout)  # fmt: skip
+        kt_desc = tma.make_tensor_descriptor(K, [total_k, n_heads // group * D_QK], [stride_kt, 1],
+                                             [BLOCK_N, D_QK - MAIN], kt_ring.layout)  # fmt: skip
+    q_bytes: gl.constexpr = 2 * ROWS * D_QK * Q.dtype.element_ty.primitive_bitwidth // 8
+    k_bytes: gl.constexpr = BLOCK_N * D_QK * K.dtype.element_ty.primitive_bitwidth // 8
+    v_bytes: gl.constexpr = BLOCK_N * D_V * V.dtype.element_ty.primitive_bitwidth // 8
+    c = 0
+    n_done = 0
+    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+        for half in range(2 if CAUSAL else 1):
+            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, 2 * ROWS,
+                                                          CAUSAL)  # fmt: skip
+            if m0 < q_len:
+                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW)
+                q_col = h * D_QK
+                k_col = h // group * D_QK
+                mbarrier.wait(q_empty, (n_done & 1) ^ 1)  # the first item finds the query tiles free
+                mbarrier.expect(q_ready, q_bytes)
+                for w in gl.static_range(2):
+                    tma.async_copy_global_to_shared(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready, q_tiles.index(w))
+                    if TAIL:
+                        tma.async_copy_global_to_shared(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN], q_ready,
+                                                        qt_tiles.index(w))  # fmt: skip
+                for n0 in range(k_start + lo, k_start + hi, BLOCK_N):
+                    s = c % STAGES
+                    free = ((c // STAGES) & 1) ^ 1  # the first lap finds every stage free
+                    mbarrier.wait(k_empty.index(s), free)
+                    mbarrier.expect(k_ready.index(s), k_bytes)
+                    tma.async_copy_global_to_shared(k_desc, [n0, k_col], k_ready.index(s), k_ring.index(s))
+                    if TAIL:
+                        tma.async_copy_global_to_shared(kt_desc, [n0, k_col + MAIN], k_ready.index(s), kt_ring.index(s))
+                    mbarrier.wait(v_empty.index(s), free)
+                    mbarrier.expect(v_ready.index(s), v_bytes)
+                    tma.async_copy_global_to_shared(v_desc, [n0, h // group * D_V], v_ready.index(s), v_ring.index(s))
+                    c += 1
+                n_done += 1
+
+
+@gluon.jit
+def _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
+    """Online softmax of one block of raw scores (64, BLOCK_N): P (unnormalized, fp32), the new running
+    max and sum, and alpha = exp2(m_old - m_new), the factor that rescales what O has accumulated."""
+    if MASKED:
+        pos = rows[:, None] + offset  # query position on the key axis (bottom-right causal alignment)
+        ok = (cols[None, :] < k_len) & (rows[:, None] < q_len)
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= pos)
+        if HAS_WINDOW:
+            ok = ok & (pos - cols[None, :] < window)
+            if not CAUSAL:
+                ok = ok & (cols[None, :] - pos < window)
+        scores = gl.where(ok, scores, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(scores, 1) * scale_log2)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    else:
+        m_new = gl.maximum(m_i, gl.max(scores, 1) * scale_log2)
+        m_safe = m_new
+    # Scale and shift in one FMA per score (log2 units).
+    p = gl.exp2(scores * scale_log2 - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+@gluon.jit
+def _block(
+    q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, j, n0, acc, p_op, m_i, l_i,
+    rows, q_len, k_len, offset, window, scale_log2,
+    s_layout: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr, MASKED: gl.constexpr,
+    CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+):  # fmt: skip
+    """Key block j (keys n0 .. n0 + BLOCK_N) of one consumer, overlapped with block j - 1's P V product.
+    acc (64, D_V) fp32 and p_op (64, BLOCK_N) 16-bit (block j - 1's probabilities) in, both updated out."""
+    ROWS: gl.constexpr = q_tile.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    s = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+    zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)  # (not read: use_acc=False)
+    scores = warpgroup_mma(q_tile, k_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if TAIL:
+        scores = warpgroup_mma(qt_tile, kt_ring.index(s).permute((1, 0)), scores, is_async=True)
+    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)  # O += P_{j-1} V_{j-1}
+    scores = warpgroup_mma_wait(num_outstanding=1, deps=(scores,))  # S_j is done; P V may still run
+    mbarrier.arrive(k_empty.index(s))
+    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+                                  MASKED, CAUSAL, HAS_WINDOW)  # fmt: skip
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(v_empty.index(prev))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    p_op = gl.convert_layout(p.to(q_tile.dtype), p_op.type.layout)
+    return acc, p_op, m_i, l_i
+
+
+@gluon.jit
+def _consumer(
+    q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, LSE,
+    cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks, n_units, scale_log2,
+    WG: gl.constexpr, D_QK: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+):  # fmt: skip
+    """Consumer partition WG: query rows [m0 + 64 WG, m0 + 64 WG + 64) of each work item's block."""
+    ROWS: gl.constexpr = q_tiles.shape[1]
+    TAIL: gl.constexpr = D_QK > q_tiles.shape[2]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    D_V: gl.constexpr = v_ring.shape[2]
+    # wgmma accumulator layouts over one warpgroup (16-bit inputs: k = 16 per instruction)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D_V, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
+    q_tile = q_tiles.index(WG)  # (64, D_QK), or its first 128 columns (TAIL)
+    qt_tile = qt_tiles.index(WG)  # (64, 64): columns 128..191 (TAIL; unused otherwise)
+    c = 0  # key blocks consumed so far, over all items: the ring position
+    n_done = 0
+    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+        for half in range(2 if CAUSAL else 1):
+            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, 2 * ROWS,
+                                                          CAUSAL)  # fmt: skip
+            if m0 < q_len:
+                offset = k_len - q_len
+                lo, full, hi = _key_range(m0, k_len, offset, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW)
+                rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
+                mbarrier.wait(q_ready, n_done & 1)
+
+                # Block lo alone: its softmax has no P V product to hide behind. Always masked (cheap, and
+                # right whatever it holds).
+                s = c % STAGES
+                mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
+                zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+                scores = warpgroup_mma(q_tile, k_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=TAIL)
+                if TAIL:
+                    scores = warpgroup_mma(qt_tile, kt_ring.index(s).permute((1, 0)), scores, is_async=True)
+                    scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
+                mbarrier.arrive(k_empty.index(s))
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+                l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+                cols = lo + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+                                              True, CAUSAL, HAS_WINDOW)  # fmt: skip
+                p_op = gl.convert_layout(p.to(q_tile.dtype), p_layout)
+                acc = gl.zeros([ROWS, D_V], gl.float32, layout=o_layout)
+                c += 1
+
+                for n0 in range(lo + BLOCK_N, full, BLOCK_N):  # every (query, key) pair allowed: no mask
+                    acc, p_op, m_i, l_i = _block(
+                        q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
+                        m_i, l_i, rows, q_len, k_len, offset, window, scale_log2,
+                        s_layout, STAGES, TAIL, False, CAUSAL, HAS_WINDOW,
+                    )  # fmt: skip
+                    c += 1
+                for n0 in range(gl.maximum(full, lo + BLOCK_N), hi, BLOCK_N):
+                    acc, p_op, m_i, l_i = _block(
+                        q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
+                        m_i, l_i, rows, q_len, k_len, offset, window, scale_log2,
+                        s_layout, STAGES, TAIL, True, CAUSAL, HAS_WINDOW,
+                    )  # fmt: skip
+                    c += 1
+                mbarrier.arrive(q_empty)  # every Q K^T of the item is done: the loader may fetch the next Q
+                last = (c - 1) % STAGES  # the last block's P V product
+                mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_ring.index(last), acc)
+                mbarrier.arrive(v_empty.index(last))
+
+                seen = l_i > 0
+                l_safe = gl.where(seen, l_i, 1.0)
+                out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+                lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+                gl.store(LSE + h * stride_lh + q_start + rows, lse, mask=rows < q_len)
+                o_rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+                o_cols = gl.arange(0, D_V, layout=gl.SliceLayout(0, o_layout))
+                ptrs = Out + h * stride_oh + (q_start + o_rows).to(gl.int64)[:, None] * stride_ot + o_cols[None, :]
+                gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < q_len)[:, None])
+                n_done += 1
+
+
+@gluon.jit
+def _attn_fwd_ws_kernel(
+    Q, K, V, Out, LSE, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
+    stride_lh, n_heads, group, scale_log2, window, n_q_blocks, n_units,
+    D_QK: gl.constexpr, D_V: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+    SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+):  # fmt: skip
+    """Persistent: each program takes work units pid, pid + programs, ... (a unit: a 128-query block of one
+    head and sequence, two of them when causal; see _tile).
+    Two consumer warpgroups (the default partition is the first) and a loader warp share the query tiles
+    and the key/value ring; the loader fetches the next item's tiles during the current one's last blocks
+    and output."""
+    ROWS: gl.constexpr = 64
+    MAIN: gl.constexpr = 128 if D_QK > 128 else D_QK  # query/key columns in the main tiles
+    TAIL: gl.constexpr = D_QK > MAIN
+    BLOCK_N: gl.constexpr = 128
+    q_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [2, ROWS, MAIN], SMEM)
+    k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, MAIN], SMEM)
+    if TAIL:
+        qt_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [2, ROWS, D_QK - MAIN], SMEM)
+        kt_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D_QK - MAIN], SMEM)
+    else:
+        qt_tiles = q_tiles  # (unused)
+        kt_ring = k_ring
+    v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, D_V], SMEM)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)  # the loader's expect; completes when the bytes have landed
+    mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=2)
+        mbarrier.init(v_empty.index(s), count=2)
+    gl.warp_specialize(
+        [
+            (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                         v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks,
+                         n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+            (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                         v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks,
+                         n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+            (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
+                       v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
+                       group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, LOADER_REGS],
+    )  # fmt: skip
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Gluon forward serves these inputs: an sm_90 GPU, bf16/fp16, a compiled head-dim pair,
+    and not switched off with MOETRON_ATTN_GLUON=0."""
+    return (
+        q.is_cuda
+        and os.environ.get("MOETRON_ATTN_GLUON", "1") != "0"
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) == (9, 0)
+        and q.dtype in _GL_DTYPES
+        and (q.shape[-1], v.shape[-1]) in HEAD_DIMS
+    )
+
+
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _smem_layout(dtype: torch.dtype):
+    """128-byte swizzled shared-memory tiles: every tile here is at least 64 16-bit elements wide."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads, dim) with heads packed and 16-byte aligned rows, as the (tokens, heads * dim)
+    tensor descriptors need (views of a fused projection usually are)."""
+    ok = x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0
+    return x if ok else x.contiguous()
+
+
+def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs):
+    """(grid, args, constexprs) of _attn_fwd_ws_kernel for flattened (tokens, heads, dim) q2, k2, v2,
+    out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most."""
+    d_qk, d_v = q2.shape[2], v2.shape[2]
+    q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
+    n_q_blocks = triton.cdiv(max_q, BLOCK_M)
+    per_head = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # see _tile
+    n_units = per_head * (cu_q.numel() - 1) * n_heads
+    grid = (min(n_units, programs),)
+    args = (
+        q2, k2, v2, out, lse, cu_q, cu_k, q2.shape[0], k2.shape[0], q2.stride(0), k2.stride(0), v2.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0), n_heads, group, scale * LOG2E, window or 0, n_q_blocks, n_units,
+    )  # fmt: skip
+    constexprs = dict(
+        D_QK=d_qk,
+        D_V=d_v,
+        STAGES=_stages(d_qk, d_v),
+        CAUSAL=causal,
+        HAS_WINDOW=window is not None,
+        SMEM=_smem_layout(q2.dtype),
+        CONSUMER_REGS=CONSUMER_REGS,
+        LOADER_REGS=LOADER_REGS,
+        num_warps=4,
+    )
+    return grid, args, constexprs
+
+
+def gluon_attention_forward(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window):
+    """Fill out (tokens, heads, d_v) and lse (heads, tokens) for the flattened inputs; see kernel_args.
+    The kernel builds its tensor descriptors in global scratch memory from triton.set_allocator."""
+    programs = _sm_count(q2.device.index if q2.device.index is not None else torch.cuda.current_device())
+    grid, args, constexprs = kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale,
+                                         window, programs)  # fmt: skip
+    if grid[0]:
+        _attn_fwd_ws_kernel[grid](*args, **constexprs)
+
+
+__all__ = ["gluon_attention_forward", "kernel_args", "supported", "HEAD_DIMS"]

@@ -1,0 +1,42 @@
+"""Compile a Gluon kernel for Hopper (sm_90a) on a CPU-only machine, as `kernel[grid](...)` would on an H100.
+
+Gluon kernels cannot run under TRITON_INTERPRET=1, so the CPU suite checks what it can without a GPU:
+that they compile, through Triton's own ptxas, without spilling registers and within the H100's 227 KB
+of shared memory. Their results are checked by the GPU tests.
+"""
+
+import os
+import re
+import subprocess
+
+import triton
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100 program may use
+
+
+def compile_for_hopper(kernel, args, constexprs):
+    """The compiled kernel (asm, metadata) for these launch arguments, built for sm_90a."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **constexprs)
+    options, signature, consts, attrs = kernel._pack_args(backend, constexprs, bound, specialization, options)
+    return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=target, options=options.__dict__)
+
+
+def spill_bytes(compiled, tmp_path) -> list[int]:
+    """Spill store and load byte counts ptxas reports for the compiled kernel's PTX."""
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    log = subprocess.run(
+        [PTXAS, "-v", "--gpu-name=sm_90a", str(ptx), "-o", os.devnull], capture_output=True, text=True, check=True
+    ).stderr
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    assert spills, log
+    return spills

@@ -1,0 +1,52 @@
+"""The Gluon attention forward (moetron/kernels/attention_gluon.py) compiled for Hopper on the CPU, and
+the dispatch rules that decide when it runs. Its results are checked on the GPU
+(tests/kernels/test_attention_gpu.py)."""
+
+import os
+
+import pytest
+import torch
+import triton
+from sm90_compile import PTXAS, SMEM_LIMIT, compile_for_hopper, spill_bytes
+
+attention_gluon = pytest.importorskip("moetron.kernels.attention_gluon")
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
+@pytest.mark.parametrize(
+    "d_qk,d_v,causal,window,dtype",
+    [
+        (64, 64, False, None, torch.bfloat16),
+        (128, 128, True, 256, torch.float16),
+        (192, 128, True, None, torch.bfloat16),  # MLA: query/key tiles in a 128 + 64 column split
+    ],
+)
+def test_gluon_forward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window, dtype):
+    tokens, n_heads, n_kv = 1000, 8, 2
+    q = torch.empty(tokens, n_heads, d_qk, dtype=dtype)
+    k = torch.empty(tokens, n_kv, d_qk, dtype=dtype)
+    v = torch.empty(tokens, n_kv, d_v, dtype=dtype)
+    out, lse = torch.empty(tokens, n_heads, d_v, dtype=dtype), torch.empty(n_heads, tokens)
+    cu = torch.tensor([0, 377, 1000], dtype=torch.int32)
+    grid, args, constexprs = attention_gluon.kernel_args(
+        q, k, v, out, lse, cu, cu, 623, n_heads, n_heads // n_kv, causal, d_qk**-0.5, window, 132
+    )
+    n_q_blocks = triton.cdiv(623, 128)
+    units = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # causal units pair a long and a short block
+    assert grid == (min(132, units * 2 * n_heads),)
+    compiled = compile_for_hopper(attention_gluon._attn_fwd_ws_kernel, args, constexprs)
+    assert compiled.metadata.num_warps == 12  # 2 consumer warpgroups + the loader warp padded to a warpgroup
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills
+
+
+def test_supported_rules(monkeypatch):
+    q = torch.empty(2, 16, 4, 128, dtype=torch.bfloat16)
+    assert not attention_gluon.supported(q, q, q)  # CPU tensors: never
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        qc = q.cuda()
+        assert attention_gluon.supported(qc, qc, qc)
+        assert not attention_gluon.supported(qc.float(), qc.float(), qc.float())
+        assert not attention_gluon.supported(qc[..., :96], qc[..., :96], qc[..., :96])  # no 96 configuration
+        monkeypatch.setenv("MOETRON_ATTN_GLUON", "0")
+        assert not attention_gluon.supported(qc, qc, qc)
