@@ -76,6 +76,16 @@ def chosen_configs(mode, q, v):
     return configs
 
 
+def save(args, rows):
+    out = {
+        "benchmark": "attention", "unit": "TFLOP/s", "command": " ".join(sys.argv), "git_sha": args.git_sha,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"), "results": rows,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -119,13 +129,7 @@ def main():
                         row[f"ratio_vs_{peer}"] = round(row["moetron_triton"] / row[peer], 3)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = {
-        "benchmark": "attention", "unit": "TFLOP/s", "command": " ".join(sys.argv), "git_sha": args.git_sha,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%d"), "results": rows,
-    }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+                save(args, rows)  # after every row: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

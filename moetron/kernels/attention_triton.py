@@ -4,6 +4,10 @@
 The launchers flatten (batch, seq, heads, dim) to (tokens, heads, dim) with row offsets per sequence
 (`cu_seqlens`, or arange(batch + 1) * seq for a padded batch), lay tensors out as tensor descriptors
 need, and give Triton the global scratch memory in which kernels build their descriptors.
+
+On an H100 (sm_90) the forward and the backward of the head dims the Gluon kernels were written for
+(moetron/kernels/attention_gluon.py, attention_gluon_bwd.py: warp-specialized, FlashAttention-3 style)
+run those instead; MOETRON_ATTN_GLUON=0 keeps the Triton kernels everywhere.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 
-try:  # Gluon (Triton >= 3.6): the warp-specialized Hopper forward
-    from moetron.kernels import attention_gluon
+try:  # Gluon (Triton >= 3.6): the warp-specialized Hopper forward and backward
+    from moetron.kernels import attention_gluon, attention_gluon_bwd
 except ImportError:  # pragma: no cover - older Triton
-    attention_gluon = None
+    attention_gluon = attention_gluon_bwd = None
 from moetron.kernels.attention_triton_kernels import (
     INTERPRET,
     LOG2E,
@@ -77,6 +81,8 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
 
 
 def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window):
+    if attention_gluon_bwd is not None and attention_gluon_bwd.supported(q, k, v, window):
+        return attention_gluon_bwd.gluon_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window)
     batch, seq_q, n_heads, d_qk = q.shape
     n_kv, d_v = k.shape[2], v.shape[3]
     cu_q, cu_k, max_q, max_k = layout

@@ -50,3 +50,28 @@ def test_supported_rules(monkeypatch):
         assert not attention_gluon.supported(qc[..., :96], qc[..., :96], qc[..., :96])  # no 96 configuration
         monkeypatch.setenv("MOETRON_ATTN_GLUON", "0")
         assert not attention_gluon.supported(qc, qc, qc)
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
+@pytest.mark.parametrize(
+    "d_qk,d_v,causal,window",
+    [(64, 64, False, None), (128, 128, True, None), (128, 128, False, 200), (192, 128, True, None)],
+)
+def test_gluon_backward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window):
+    from moetron.kernels import attention_gluon_bwd as bwd
+
+    batch, seq, n_heads, n_kv = 2, 500, 8, 2
+    q = torch.empty(batch, seq, n_heads, d_qk, dtype=torch.bfloat16)
+    k = torch.empty(batch, seq, n_kv, d_qk, dtype=torch.bfloat16)
+    v = torch.empty(batch, seq, n_kv, d_v, dtype=torch.bfloat16)
+    do = torch.empty(batch, seq, n_heads, d_v, dtype=torch.bfloat16)
+    lse2, delta = torch.empty(n_heads, batch * seq), torch.empty(n_heads, batch * seq)
+    cu = torch.arange(batch + 1, dtype=torch.int32) * seq
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    launches = bwd.kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, (cu, cu, seq, seq), causal, d_qk**-0.5, window)
+    for kernel, (grid, args, constexprs) in zip((bwd._dkdv_kernel, bwd._dq_kernel), launches):
+        assert grid == (triton.cdiv(seq, 128), batch * (n_kv if kernel is bwd._dkdv_kernel else n_heads))
+        compiled = compile_for_hopper(kernel, args, constexprs)
+        assert compiled.metadata.num_warps == 12
+        assert compiled.metadata.shared <= SMEM_LIMIT
+        assert not any(spill_bytes(compiled, tmp_path))

@@ -68,33 +68,46 @@ def test_deterministic_backward():
         (2, 1536, 1536, 4, 4, 192, 128, False, None, False),
     ],
 )
-def test_gluon_forward_matches_reference(dtype, batch, seq_q, seq_k, n_heads, n_kv, d_qk, d_v, causal, window, packed):
-    """The forward as dispatched on an H100 (the warp-specialized Gluon kernel for these head dims)."""
-    from moetron.kernels import attention_gluon
+def test_gluon_matches_reference(dtype, batch, seq_q, seq_k, n_heads, n_kv, d_qk, d_v, causal, window, packed):
+    """Forward and backward as dispatched on an H100 (the warp-specialized Gluon kernels for these head
+    dims) against the fp32 reference."""
+    from moetron.kernels import attention_gluon, attention_gluon_bwd
     from moetron.kernels.attention import attention_reference
 
     torch.manual_seed(0)
-    q = torch.randn(batch, seq_q, n_heads, d_qk, device="cuda", dtype=dtype)
-    k = torch.randn(batch, seq_k, n_kv, d_qk, device="cuda", dtype=dtype)
-    v = torch.randn(batch, seq_k, n_kv, d_v, device="cuda", dtype=dtype)
+    q = torch.randn(batch, seq_q, n_heads, d_qk, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, seq_k, n_kv, d_qk, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, seq_k, n_kv, d_v, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, seq_q, n_heads, d_v, device="cuda", dtype=dtype)
     if torch.cuda.get_device_capability() == (9, 0):
-        assert attention_gluon.supported(q, k, v)
+        assert attention_gluon.supported(q, k, v) and attention_gluon_bwd.supported(q, k, v, window)
     cu = torch.tensor([0, 300, 301, 1500, 2048], device="cuda", dtype=torch.int32) if packed else None
     out, lse = flash_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu, return_lse=True, backend="triton")
-    ref_out, ref_lse = attention_reference(
-        q.float(), k.float(), v.float(), causal=causal, window=window, cu_seqlens=cu, return_lse=True
-    )
-    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    (out.float() * grad.float()).sum().backward()
+    got = [t.grad.float() for t in (q, k, v)]
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*ref, causal=causal, window=window, cu_seqlens=cu, return_lse=True)
+    (ref_out * grad.float()).sum().backward()
+    torch.testing.assert_close(out.float(), ref_out.detach(), atol=2e-2, rtol=2e-2)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # rows that saw no key
     seen = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[seen], ref_lse[seen], atol=1e-3, rtol=1e-3)
+    for name, g, r in zip("qkv", got, ref):
+        scale = r.grad.abs().max().clamp_min(1e-2)
+        assert (g - r.grad).abs().max() <= 2e-2 * scale, f"d{name}: {(g - r.grad).abs().max()} vs max {scale}"
 
 
-def test_gluon_forward_switch(monkeypatch):
-    """MOETRON_ATTN_GLUON=0 falls back to the Triton kernel; both agree to bf16 rounding."""
+def test_gluon_switch(monkeypatch):
+    """MOETRON_ATTN_GLUON=0 falls back to the Triton kernels; both agree to bf16 rounding."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    fast = flash_attention(q, k, v, backend="triton")
-    monkeypatch.setenv("MOETRON_ATTN_GLUON", "0")
-    plain = flash_attention(q, k, v, backend="triton")
-    torch.testing.assert_close(fast, plain, atol=1e-2, rtol=1e-2)
+    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    results = []
+    for gluon in ("1", "0"):
+        monkeypatch.setenv("MOETRON_ATTN_GLUON", gluon)
+        for t in (q, k, v):
+            t.grad = None
+        out = flash_attention(q, k, v, backend="triton")
+        out.float().square().sum().backward()
+        results.append([out, q.grad, k.grad, v.grad])
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, atol=2e-2, rtol=2e-2)
