@@ -15,6 +15,7 @@ same call with MOETRON_ATTN_GLUON=0 (the Triton kernels only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -55,11 +56,15 @@ def timed(fn, mode):
     return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=None)
 
 
-def triton_only(q, k, v, causal):
-    """flash_attention on the Triton kernels alone (the Gluon forward switched off)."""
+@contextlib.contextmanager
+def gluon_off(name):
+    """For the `triton_kernel` column: MOETRON_ATTN_GLUON=0 around the whole timing (forward and backward)."""
+    if name != "triton_kernel":
+        yield
+        return
     os.environ["MOETRON_ATTN_GLUON"] = "0"
     try:
-        return flash_attention(q, k, v, causal=causal, backend="triton")
+        yield
     finally:
         os.environ.pop("MOETRON_ATTN_GLUON")
 
@@ -102,7 +107,9 @@ def main():
                 "moetron_triton": lambda q=q, k=k, v=v, causal=causal: flash_attention(
                     q, k, v, causal=causal, backend="triton"
                 ),
-                "triton_kernel": lambda q=q, k=k, v=v, causal=causal: triton_only(q, k, v, causal),
+                "triton_kernel": lambda q=q, k=k, v=v, causal=causal: flash_attention(
+                    q, k, v, causal=causal, backend="triton"
+                ),
             }
             for name, backend in (
                 ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
@@ -118,7 +125,8 @@ def main():
                 row = {"shape": [batch, heads, seq, d_qk, d_v], "causal": causal, "mode": mode}
                 for name, fn in impls.items():
                     try:
-                        ms = timed(fn, mode)
+                        with gluon_off(name):
+                            ms = timed(fn, mode)
                         row[name] = round(flops(batch, heads, seq, d_qk, d_v, causal, mode) / ms / 1e9, 1)
                     except Exception as e:  # a backend that does not take this shape
                         row[name] = None
