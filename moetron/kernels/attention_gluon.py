@@ -41,7 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
 BLOCK_M = 2 * WG_ROWS  # two consumer warpgroups per program
 BLOCK_N = 128  # keys per block
-CONSUMER_REGS = 232  # the worker consumer, per thread: O (64 fp32) + S (64) + P (32) + softmax state; the default gets 240
+# Registers per thread: O (64 fp32) + S (64) + P (32) + softmax state per consumer; the worker consumer gets
+# CONSUMER_REGS, the default partition what is left (240), the loader LOADER_REGS (found by the compile test).
+CONSUMER_REGS = 232
 LOADER_REGS = 32
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
 LOG2E = 1.4426950408889634
