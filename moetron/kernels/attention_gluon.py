@@ -57,10 +57,11 @@ def _stages(d_qk: int, d_v: int) -> int:
 
 @gluon.jit
 def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
+               CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, MIN_BLOCKS: gl.constexpr):  # fmt: skip
     """Key blocks a query block [m0, m0 + BLOCK_M) visits, [lo, hi); from `full` on they need a mask (the
-    causal diagonal, the partial last block, every block of a window). At least one block, so that a
-    query block that sees no key at all still runs (fully masked: its output is 0, its logsumexp -inf)."""
+    causal diagonal, the partial last block, every block of a window). MIN_BLOCKS = 1 (the forward): a
+    query block that sees no key at all still runs one fully masked block (its output is 0, its
+    logsumexp -inf); the backward's dQ kernel passes 0."""
     lo = 0
     hi = k_len
     if CAUSAL:
@@ -71,8 +72,8 @@ def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
     if HAS_WINDOW:
         lo = gl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
         full = lo
-    hi = gl.maximum(hi, lo + 1)
-    full = gl.minimum(full, hi)
+    hi = gl.maximum(hi, lo + MIN_BLOCKS)
+    full = gl.minimum(gl.maximum(full, lo), hi)
     return lo, full, hi
 
 
@@ -135,7 +136,7 @@ def _loader(
             h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, 2 * ROWS,
                                                           CAUSAL)  # fmt: skip
             if m0 < q_len:
-                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW)
+                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
                 q_col = h * D_QK
                 k_col = h // group * D_QK
                 mbarrier.wait(q_empty, (n_done & 1) ^ 1)  # the first item finds the query tiles free
@@ -245,7 +246,7 @@ def _consumer(
                                                           CAUSAL)  # fmt: skip
             if m0 < q_len:
                 offset = k_len - q_len
-                lo, full, hi = _key_range(m0, k_len, offset, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW)
+                lo, full, hi = _key_range(m0, k_len, offset, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
                 rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
                 mbarrier.wait(q_ready, n_done & 1)
 
@@ -355,17 +356,21 @@ def _attn_fwd_ws_kernel(
     )  # fmt: skip
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Gluon forward serves these inputs: an sm_90 GPU, bf16/fp16, a compiled head-dim pair,
-    and not switched off with MOETRON_ATTN_GLUON=0."""
+def gluon_enabled(x: torch.Tensor) -> bool:
+    """What both Gluon attention kernels need of an input: a bf16/fp16 tensor on an sm_90 GPU, outside the
+    interpreter, with MOETRON_ATTN_GLUON not set to 0."""
     return (
-        q.is_cuda
+        x.is_cuda
+        and x.dtype in _GL_DTYPES
         and os.environ.get("MOETRON_ATTN_GLUON", "1") != "0"
         and os.environ.get("TRITON_INTERPRET", "0") != "1"
-        and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) == (9, 0)
-        and q.dtype in _GL_DTYPES
-        and (q.shape[-1], v.shape[-1]) in HEAD_DIMS
+        and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) == (9, 0)
     )
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Gluon forward serves these inputs: gluon_enabled and a compiled head-dim pair."""
+    return gluon_enabled(q) and (q.shape[-1], v.shape[-1]) in HEAD_DIMS
 
 
 @functools.cache
@@ -428,4 +433,4 @@ def gluon_attention_forward(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, gr
         _attn_fwd_ws_kernel[grid](*args, **constexprs)
 
 
-__all__ = ["gluon_attention_forward", "kernel_args", "supported", "HEAD_DIMS"]
+__all__ = ["gluon_attention_forward", "gluon_enabled", "kernel_args", "supported", "HEAD_DIMS"]

@@ -6,7 +6,7 @@ The launchers flatten (batch, seq, heads, dim) to (tokens, heads, dim) with row 
 need, and give Triton the global scratch memory in which kernels build their descriptors.
 
 On an H100 (sm_90) the forward and the backward of the head dims the Gluon kernels were written for
-(moetron/kernels/attention_gluon.py, attention_gluon_bwd.py: warp-specialized, FlashAttention-3 style)
+(moetron/kernels/attention_gluon.py, attention_gluon_bwd*.py: warp-specialized, FlashAttention-3 style)
 run those instead; MOETRON_ATTN_GLUON=0 keeps the Triton kernels everywhere.
 """
 
@@ -81,8 +81,6 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
 
 
 def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window):
-    if attention_gluon_bwd is not None and attention_gluon_bwd.supported(q, k, v, window):
-        return attention_gluon_bwd.gluon_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window)
     batch, seq_q, n_heads, d_qk = q.shape
     n_kv, d_v = k.shape[2], v.shape[3]
     cu_q, cu_k, max_q, max_k = layout
@@ -92,6 +90,8 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
     # The logsumexp in log2 units; rows that saw no key get +inf, so that their P is 0.
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (heads, tokens)
+    if attention_gluon_bwd is not None and attention_gluon_bwd.supported(q, k, v, window):
+        return attention_gluon_bwd.gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, window)
     dq = torch.empty_like(q2)
     dk = torch.empty_like(k2)
     dv = torch.empty_like(v2)
