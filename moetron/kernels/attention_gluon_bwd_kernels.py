@@ -127,6 +127,22 @@ def _write_out(desc, ptr, stride_t, smem, value, row0, col0, n_rows):
         _store_rows(ptr + col0, stride_t, row0, n_rows, smem)
 
 
+@gluon.jit
+def _load_halves(x_desc, xb_desc, y_desc, x_smem, xb_smem, y_smem, bar, row0, x_col, y_col, SPLIT: gl.constexpr):
+    """The program's fixed tiles, loaded once as two 64-row halves (one per consumer warpgroup): rows
+    [row0, row0 + 128) of x (columns x_col..; with SPLIT its 128 + 64 column pieces) and of y (y_col..)."""
+    ROWS: gl.constexpr = x_desc.block_type.shape[0]
+    DA: gl.constexpr = x_desc.block_type.shape[1]
+    BYTES: gl.constexpr = 2 * (x_desc.block_type.nbytes + y_desc.block_type.nbytes + SPLIT * xb_desc.block_type.nbytes)
+    mbarrier.expect(bar, BYTES)
+    for w in gl.static_range(2):
+        row = row0 + w * ROWS
+        tma.async_copy_global_to_shared(x_desc, [row, x_col], bar, x_smem.index(w))
+        if SPLIT:
+            tma.async_copy_global_to_shared(xb_desc, [row, x_col + DA], bar, xb_smem.index(w))
+        tma.async_copy_global_to_shared(y_desc, [row, y_col], bar, y_smem.index(w))
+
+
 # ----------------------------------------------------------------------------------------------
 # dK / dV kernel
 # ----------------------------------------------------------------------------------------------
@@ -142,17 +158,7 @@ def _dkdv_loader(
     BM: gl.constexpr = q_desc.block_type.shape[0]
     vec_layout: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
     DA: gl.constexpr = q_desc.block_type.shape[1]
-    ROWS: gl.constexpr = k_desc.block_type.shape[0]
-    KV_BYTES: gl.constexpr = 2 * (
-        k_desc.block_type.nbytes + v_desc.block_type.nbytes + SPLIT * kb_desc.block_type.nbytes
-    )
-    mbarrier.expect(kv_bar, KV_BYTES)
-    for w in gl.static_range(2):
-        row = k_start + n0 + w * ROWS
-        tma.async_copy_global_to_shared(k_desc, [row, hk * D_QK], kv_bar, k_smem.index(w))
-        if SPLIT:
-            tma.async_copy_global_to_shared(kb_desc, [row, hk * D_QK + DA], kv_bar, kb_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [row, hk * D_V], kv_bar, v_smem.index(w))
+    _load_halves(k_desc, kb_desc, v_desc, k_smem, kb_smem, v_smem, kv_bar, k_start + n0, hk * D_QK, hk * D_V, SPLIT)
     TILE_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes + SPLIT * qb_desc.block_type.nbytes
     it = 0
     for g in range(group):
@@ -374,19 +380,9 @@ def _dq_loader(
     q_start, k_start, m0, h, hk, lo, hi,
     D_QK: gl.constexpr, D_V: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
-    ROWS: gl.constexpr = q_desc.block_type.shape[0]
     DA: gl.constexpr = q_desc.block_type.shape[1]
     BN: gl.constexpr = k_desc.block_type.shape[0]
-    QDO_BYTES: gl.constexpr = 2 * (
-        q_desc.block_type.nbytes + do_desc.block_type.nbytes + SPLIT * qb_desc.block_type.nbytes
-    )
-    mbarrier.expect(qdo_bar, QDO_BYTES)
-    for w in gl.static_range(2):
-        row = q_start + m0 + w * ROWS
-        tma.async_copy_global_to_shared(q_desc, [row, h * D_QK], qdo_bar, q_smem.index(w))
-        if SPLIT:
-            tma.async_copy_global_to_shared(qb_desc, [row, h * D_QK + DA], qdo_bar, qb_smem.index(w))
-        tma.async_copy_global_to_shared(do_desc, [row, h * D_V], qdo_bar, do_smem.index(w))
+    _load_halves(q_desc, qb_desc, do_desc, q_smem, qb_smem, do_smem, qdo_bar, q_start + m0, h * D_QK, h * D_V, SPLIT)
     TILE_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes + SPLIT * kb_desc.block_type.nbytes
     it = 0
     for n0 in range(lo, hi, BN):
