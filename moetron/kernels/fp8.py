@@ -95,7 +95,8 @@ def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False, backend: str |
 
 def quantize_1x128_t(x: torch.Tensor, *, pow2_scales: bool = False, backend: str | None = None):
     """x (M, K) -> qt (K, M_pad) e4m3, st (K, M_pad // 128) fp32 with M_pad = ceil(M / 128) * 128:
-    x^T quantized in 1x128 tiles along M; columns past M are 0."""
+    x^T quantized in 1x128 tiles along M; columns past M are 0. The Triton path stores st token-block-major
+    (st.t() is contiguous), the order the weight-gradient GEMM reads it in; the GEMMs take any scale strides."""
     _check_quant_input("quantize_1x128_t", x, need_k_blocks=False)
     if _pick(backend, x) == "triton":
         from moetron.kernels.fp8_quant_triton import quantize_1x128_t_triton

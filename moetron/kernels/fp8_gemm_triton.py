@@ -12,7 +12,8 @@ same arithmetic in the same order), so the MMA can overlap it; the autotuner pic
 
 * On sm_90 the dense GEMM with weight-block b-scales goes to the warp-specialized Gluon kernel
   (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% faster on the H100); this kernel serves the
-  weight-gradient form (1x128 b-scales), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
+  weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured 3-12% slower
+  than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
 * Tiles are walked in GROUP_M super-rows, so neighbouring programs share A and B tiles in L2.
 * On Hopper (capability >= 9) operands load through host-side TMA descriptors (zero-filled out of bounds);
   elsewhere, and by default under TRITON_INTERPRET=1, through masked pointers.
@@ -82,7 +83,7 @@ def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _mainloop(
     acc, A, A_DESC, B, B_DESC, AS, BS, a_row0, b_row0, offs_m, m_ok, offs_n, n_ok, n0, kb_lo, kb_hi,
-    stride_a, stride_b, stride_as, stride_bs,
+    stride_a, stride_b, stride_as, stride_ask, stride_bs, stride_bsk,
     B_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """acc += sum over K blocks kb in [kb_lo, kb_hi) of dot(A_kb, B_kb^T) * a_scale[:, kb] * b_scale[:, kb]^T.
@@ -90,7 +91,8 @@ def _mainloop(
     A rows offs_m (TMA: first row a_row0), B rows offs_n (the first, n0, is b_row0 for TMA), K-major; rows not
     ok read 0 on the pointer path (TMA reads them, or zeros past the tensor: they are never stored). B_ROWS rows
     of B share a scale (128 for weight blocks, 1 for 1x128 tiles): one scalar per block when the whole tile
-    lies in one weight block."""
+    lies in one weight block. Scale strides: rows (stride_as, stride_bs) and K blocks (stride_ask, stride_bsk;
+    quantize_1x128_t's scales are stored K-block-major, so a block's scales of consecutive rows are adjacent)."""
     offs_k = tl.arange(0, _SB)
     if not USE_TMA:
         a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]  # (BLOCK_M, 128) at kb = 0
@@ -115,11 +117,11 @@ def _mainloop(
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         part = tl.dot(a, tl.trans(b))  # (BLOCK_M, BLOCK_N) fp32: one scale block on the tensor cores
-        sa = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)[:, None]
+        sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)[:, None]
         if SCALAR_SB:
-            sb = tl.load(bs_ptrs + kb)
+            sb = tl.load(bs_ptrs + kb * stride_bsk)
         else:
-            sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)[None, :]
+            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)[None, :]
         if PIPELINE:  # promote the previous block while this block's MMA runs (the first adds 0 * 0)
             acc += part_prev * (sa_prev * sb_prev)
             part_prev, sa_prev, sb_prev = part, sa, sb
@@ -133,7 +135,8 @@ def _mainloop(
 @triton.autotune(configs=_gemm_configs("gemm"), key=["M_BUCKET", "N", "K", "B_ROWS", "USE_TMA"])
 @triton.jit
 def _gemm_kernel(
-    A, A_DESC, B, B_DESC, AS, BS, C, M, N, K, M_BUCKET, stride_a, stride_b, stride_as, stride_bs, stride_c,
+    A, A_DESC, B, B_DESC, AS, BS, C, M, N, K, M_BUCKET, stride_a, stride_b, stride_as, stride_ask, stride_bs, stride_bsk,
+    stride_c,
     B_ROWS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):  # fmt: skip
@@ -143,7 +146,8 @@ def _gemm_kernel(
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = _mainloop(
         tl.zeros([BLOCK_M, BLOCK_N], tl.float32), A, A_DESC, B, B_DESC, AS, BS, m0, n0, offs_m, m_ok, offs_n, n_ok, n0,
-        0, K // _SB, stride_a, stride_b, stride_as, stride_bs, B_ROWS, BLOCK_N, USE_TMA, PIPELINE, UPCAST,
+        0, K // _SB, stride_a, stride_b, stride_as, stride_ask, stride_bs, stride_bsk, B_ROWS, BLOCK_N, USE_TMA,
+        PIPELINE, UPCAST,
     )  # fmt: skip
     c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -188,7 +192,7 @@ def _grouped_gemm_kernel(
             acc = _mainloop(
                 acc, A, A_DESC, B + seg.to(tl.int64) * N * stride_b, B_DESC, AS, BS + seg * stride_bse,
                 m0, seg * N + n0, offs_m, m_ok, offs_n, n_ok, n0, 0, K // _SB,
-                stride_a, stride_b, stride_as, stride_bs, 128, BLOCK_N, USE_TMA, PIPELINE, UPCAST,
+                stride_a, stride_b, stride_as, 1, stride_bs, 1, 128, BLOCK_N, USE_TMA, PIPELINE, UPCAST,
             )  # fmt: skip
         c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -198,7 +202,7 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _wgrad_kernel(
     A, A_DESC, B, B_DESC, AS, BS, C, GE, N, K, E,
-    stride_a, stride_b, stride_as, stride_bs, stride_ce, stride_c,
+    stride_a, stride_b, stride_as, stride_ask, stride_bs, stride_bsk, stride_ce, stride_c,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):  # fmt: skip
@@ -213,7 +217,8 @@ def _wgrad_kernel(
     kb_full = end // _SB  # token blocks [start / 128, kb_full) are whole: groups start on block boundaries
     acc = _mainloop(
         tl.zeros([BLOCK_M, BLOCK_N], tl.float32), A, A_DESC, B, B_DESC, AS, BS, m0, n0, offs_m, m_ok, offs_n, n_ok, n0,
-        start // _SB, kb_full, stride_a, stride_b, stride_as, stride_bs, 1, BLOCK_N, USE_TMA, PIPELINE, UPCAST,
+        start // _SB, kb_full, stride_a, stride_b, stride_as, stride_ask, stride_bs, stride_bsk, 1, BLOCK_N, USE_TMA,
+        PIPELINE, UPCAST,
     )  # fmt: skip
     if end % _SB != 0:  # the last group's partial block, masked: tokens past `end` may hold any bytes
         cols = kb_full * _SB + tl.arange(0, _SB)
@@ -222,8 +227,8 @@ def _wgrad_kernel(
         b = tl.load(B + offs_n[:, None].to(tl.int64) * stride_b + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        sa = tl.load(AS + offs_m * stride_as + kb_full, mask=m_ok, other=0.0)
-        sb = tl.load(BS + offs_n * stride_bs + kb_full, mask=n_ok, other=0.0)
+        sa = tl.load(AS + offs_m * stride_as + kb_full * stride_ask, mask=m_ok, other=0.0)
+        sb = tl.load(BS + offs_n * stride_bs + kb_full * stride_bsk, mask=n_ok, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
     c_ptrs = C + e.to(tl.int64) * stride_ce + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -246,7 +251,8 @@ def _descs(a2: torch.Tensor, b2: torch.Tensor, use_tma: bool):
 
 
 def _rows(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """The kernels index the last dim with unit stride (operands and scales alike)."""
+    """The kernels index the operands' last dim with unit stride (the dense and weight-gradient kernels take
+    the scales' strides; the grouped kernel's scales go through _rows too)."""
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
@@ -281,7 +287,7 @@ def _gluon_ok(c: torch.Tensor) -> bool:
 def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = None, gluon: bool | None = None, out=None):
     """`tma`, `gluon`: force the operand path / the Gluon kernel on or off (tests); None picks."""
     (m, k), n = a.shape, b.shape[0]
-    a, a_scale, b, b_scale = _rows(a, a_scale, b, b_scale)
+    a, b = _rows(a, b)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device) if out is None else out
     if m == 0 or n == 0:
         return c
@@ -294,12 +300,12 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
     if gluon and b_rows == SCALE_BLOCK:
         from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
-        return fp8_gemm_gluon(a, a_scale, b, b_scale, c)
+        return fp8_gemm_gluon(a, *_rows(a_scale), b, *_rows(b_scale), c)  # (unit K-block strides of the scales)
     a_desc, b_desc = _descs(a, b, use_tma)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](
-        a, a_desc, b, b_desc, a_scale, b_scale, c, m, n, k, _bucket(m),
-        a.stride(0), b.stride(0), a_scale.stride(0), b_scale.stride(0), c.stride(0),
+        a, a_desc, b, b_desc, a_scale, b_scale, c, m, n, k, _bucket(m), a.stride(0), b.stride(0),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0),
         B_ROWS=b_rows, USE_TMA=use_tma, UPCAST=INTERPRET,
     )  # fmt: skip
     return c
@@ -330,7 +336,7 @@ def fp8_grouped_gemm_wgrad_triton(
     a_t, a_t_scale, b_t, b_t_scale, group_ends, out_dtype, *, tma: bool | None = None, out=None
 ):
     (n, m_pad), k, n_groups = a_t.shape, b_t.shape[0], group_ends.shape[0]
-    a_t, a_t_scale, b_t, b_t_scale = _rows(a_t, a_t_scale, b_t, b_t_scale)
+    a_t, b_t = _rows(a_t, b_t)
     c = torch.empty(n_groups, n, k, dtype=out_dtype, device=a_t.device) if out is None else out
     if n_groups == 0 or n == 0 or k == 0:
         return c
@@ -341,7 +347,8 @@ def fp8_grouped_gemm_wgrad_triton(
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), n_groups)  # noqa: E731
     _wgrad_kernel[grid](
         a_t, a_desc, b_t, b_desc, a_t_scale, b_t_scale, c, group_ends, n, k, n_groups,
-        a_t.stride(0), b_t.stride(0), a_t_scale.stride(0), b_t_scale.stride(0), c.stride(0), c.stride(1),
+        a_t.stride(0), b_t.stride(0), a_t_scale.stride(0), a_t_scale.stride(1), b_t_scale.stride(0),
+        b_t_scale.stride(1), c.stride(0), c.stride(1),
         USE_TMA=use_tma, UPCAST=INTERPRET,
     )  # fmt: skip
     return c

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels.fp8 import (
+    OUT_DTYPES,
     SCALE_BLOCK,
     fp8_gemm,
     fp8_grouped_gemm,
@@ -144,9 +145,11 @@ class FP8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
                 grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm.
-                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=torch.float32, backend=backend)
-                grad_w = grad_w[:out_features].to(ctx.w_dtype)
+                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm. Written in the weight's
+                # dtype: the fp32 accumulator rounded once, as a cast of an fp32 result would round it.
+                dw_dtype = ctx.w_dtype if ctx.w_dtype in OUT_DTYPES else torch.float32
+                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=dw_dtype, backend=backend)[:out_features]
+                grad_w = grad_w.to(ctx.w_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None

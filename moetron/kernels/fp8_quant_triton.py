@@ -73,7 +73,9 @@ def _quant_1x128_kernel(X, Q, S, M, K, stride_xm, stride_qm, stride_sm, POW2: tl
 
 @triton.autotune(configs=_quant_configs("t"), key=["K", "POW2"])
 @triton.jit
-def _quant_1x128_t_kernel(X, QT, ST, M, K, stride_xm, stride_qk, stride_sk, POW2: tl.constexpr, BLOCK: tl.constexpr):
+def _quant_1x128_t_kernel(
+    X, QT, ST, M, K, stride_xm, stride_qk, stride_sk, stride_sb, POW2: tl.constexpr, BLOCK: tl.constexpr
+):
     mb = tl.program_id(0)
     rows = mb * _SB + tl.arange(0, _SB)  # 128 tokens: one scale block of the transposed output
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # BLOCK features
@@ -85,7 +87,7 @@ def _quant_1x128_t_kernel(X, QT, ST, M, K, stride_xm, stride_qk, stride_sk, POW2
     scale = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (BLOCK,)
     qt = tl.trans(_to_e4m3(x, scale[None, :]))  # (BLOCK, 128)
     tl.store(QT + cols[:, None].to(tl.int64) * stride_qk + rows[None, :], qt, mask=(cols < K)[:, None])
-    tl.store(ST + cols.to(tl.int64) * stride_sk + mb, scale, mask=cols < K)
+    tl.store(ST + cols.to(tl.int64) * stride_sk + mb * stride_sb, scale, mask=cols < K)
 
 
 @triton.autotune(configs=[triton.Config({}, num_warps=4 if INTERPRET else 8)], key=[])
@@ -124,7 +126,7 @@ def _dual_configs() -> list[triton.Config]:
 @triton.autotune(configs=_dual_configs(), key=["K", "POW2"])
 @triton.jit
 def _quant_1x128_dual_kernel(
-    X, Q, S, QT, ST, M, K, stride_xm, stride_qm, stride_sm, stride_qk, stride_sk, POW2: tl.constexpr
+    X, Q, S, QT, ST, M, K, stride_xm, stride_qm, stride_sm, stride_qk, stride_sk, stride_sb, POW2: tl.constexpr
 ):
     mb, kb = tl.program_id(0), tl.program_id(1)
     rows = mb * _SB + tl.arange(0, _SB)  # 128 tokens: one scale block of qt
@@ -140,7 +142,7 @@ def _quant_1x128_dual_kernel(
     scale_t = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (128,) per feature
     qt = tl.trans(_to_e4m3(x, scale_t[None, :]))  # (128 features, 128 tokens)
     tl.store(QT + c64[:, None] * stride_qk + rows[None, :], qt)
-    tl.store(ST + c64 * stride_sk + mb, scale_t)
+    tl.store(ST + c64 * stride_sk + mb * stride_sb, scale_t)
 
 
 def _empty(rows: int, cols: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
@@ -158,14 +160,21 @@ def quantize_1x128_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     return q, s
 
 
+def _token_block_major_scales(k: int, m_pad: int, like: torch.Tensor) -> torch.Tensor:
+    """st (K, M_pad/128) of the transposed quantizers, stored as the transpose of a (M_pad/128, K) buffer: one
+    token block's scales of consecutive features are adjacent, which is how the weight-gradient GEMM reads
+    them (a K block's 128 column scales at a time)."""
+    return _empty(m_pad // SCALE_BLOCK, k, torch.float32, like).t()
+
+
 def quantize_1x128_t_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     m, k = x.shape
     m_pad = triton.cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     x = x if x.stride(1) == 1 else x.contiguous()
-    qt, st = out or (_empty(k, m_pad, FP8_DTYPE, x), _empty(k, m_pad // SCALE_BLOCK, torch.float32, x))
+    qt, st = out or (_empty(k, m_pad, FP8_DTYPE, x), _token_block_major_scales(k, m_pad, x))
     if m and k:
         grid = lambda meta: (m_pad // SCALE_BLOCK, triton.cdiv(k, meta["BLOCK"]))  # noqa: E731
-        _quant_1x128_t_kernel[grid](x, qt, st, m, k, x.stride(0), qt.stride(0), st.stride(0), POW2=pow2_scales)
+        _quant_1x128_t_kernel[grid](x, qt, st, m, k, x.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales)
     return qt, st
 
 
@@ -222,11 +231,11 @@ def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
         _empty(m, k, FP8_DTYPE, x),
         _empty(m, k // SCALE_BLOCK, torch.float32, x),
         _empty(k, m_pad, FP8_DTYPE, x),
-        _empty(k, m_pad // SCALE_BLOCK, torch.float32, x),
+        _token_block_major_scales(k, m_pad, x),
     )
     if m and k:
         grid = (m_pad // SCALE_BLOCK, k // SCALE_BLOCK)
         _quant_1x128_dual_kernel[grid](
-            x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0), POW2=pow2_scales
+            x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales
         )
     return q, s, qt, st

@@ -206,11 +206,32 @@ def test_gemm_gluon(m, n, k, out_dtype):
         assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,n,k", [(1000, 300, 640), (16384, 2048, 1024)])
+def test_gemm_weight_gradient(tokens, n, k, out_dtype):
+    """dW = dY^T X as FP8Linear computes it: both operands from quantize_1x128_t (scales token-block-major),
+    tokens padded to a multiple of 128, partial tiles in both output dims, into poisoned buffers; the public
+    fp8_gemm on the same operands gives the same bytes."""
+    dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    (qa, sa), (qb, sb) = fp8.quantize_1x128_t(dy), fp8.quantize_1x128_t(x)
+    assert sa.t().is_contiguous() and sb.t().is_contiguous()
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, out=poison(n, k, dtype=out_dtype))
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    bound = abs_product(qa, sa, qb, sb)
+    if out_dtype == torch.float32:
+        assert_accumulation_close(out, ref, bound)
+    else:
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert torch.equal(fp8.fp8_gemm(qa, sa, qb, sb, out_dtype=out_dtype), out)
+
+
 @hopper_only
 def test_gemm_gluon_strided_output_and_dispatch(monkeypatch):
     """A column slice of a wider buffer as `out` (the TMA store clips to the view), and the public fp8_gemm
     takes the Gluon kernel on the H100 for weight-block scales, the Triton kernel for 1x128 b-scales or with
-    MOETRON_FP8_GLUON=0."""
+    MOETRON_FP8_GLUON=0; scales with other strides (a transposed view) reach the Gluon kernel contiguous."""
     import moetron.kernels.fp8_gemm_gluon as gluon_module
 
     m, n, k = 700, 200, 512
@@ -228,9 +249,12 @@ def test_gemm_gluon_strided_output_and_dispatch(monkeypatch):
     assert calls == [1]
     qr, sr = fp8.quantize_1x128(torch.randn(n, k, device="cuda"))  # 1x128 b-scales: the Triton kernel
     fp8.fp8_gemm(qa, sa, qr, sr)
+    assert calls == [1]
+    sa_t = sa.t().contiguous().t()  # the same scales, K-block-major
+    assert torch.equal(fp8.fp8_gemm(qa, sa_t, qb, sb), fp8.fp8_gemm(qa, sa, qb, sb)) and calls == [1, 1, 1]
     monkeypatch.setenv("MOETRON_FP8_GLUON", "0")
     fp8.fp8_gemm(qa, sa, qb, sb)
-    assert calls == [1]
+    assert calls == [1, 1, 1]
 
 
 @pytest.mark.parametrize("tma", [True, False])

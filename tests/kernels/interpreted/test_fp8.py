@@ -84,6 +84,9 @@ def test_quantize_1x128_t(m, k, pow2):
     assert (qt[:, m:].view(torch.uint8) == 0).all()  # zero columns past M
     xt = torch.nn.functional.pad(x.float().t(), (0, m_pad - m))
     assert_quantized(qt, st, qt_ref, st_ref, xt.reshape(k, m_pad // 128, 128))
+    qt2, st2 = fq.quantize_1x128_t_triton(x, pow2)  # its own buffers: the scales token-block-major
+    assert st2.shape == (k, m_pad // 128) and st2.t().is_contiguous()
+    assert torch.equal(qt2.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(st2, st)
 
 
 @pytest.mark.parametrize("n,k", [(1, 128), (200, 256), (130, 384)])
@@ -116,7 +119,8 @@ def test_quantize_1x128_dual_equals_separate_kernels(m, k, pow2):
     q1, s1 = fq.quantize_1x128_triton(x, pow2)
     qt1, st1 = fq.quantize_1x128_t_triton(x, pow2)
     for a, b in ((q, q1), (s, s1), (qt, qt1), (st, st1)):
-        assert a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bytes, NaN-safe
+        assert a.shape == b.shape  # bytes, NaN-safe, in logical order (the separate _t kernel's scales are
+        assert torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))  # token-block-major)
     assert (qt[:, m:].view(torch.uint8) == 0).all()  # zero columns past M
     # and the scales are the references' (the codes differ from torch's only by the interpreter's cast)
     _, s_ref, _, st_ref = fp8.quantize_1x128_dual_reference(x, pow2_scales=pow2)
@@ -160,7 +164,7 @@ def test_quantize_1x128_dual_public_dispatch_and_errors():
     got = fp8.quantize_1x128_dual(x)  # Triton under the interpreter
     want = (*fq.quantize_1x128_triton(x, False), *fq.quantize_1x128_t_triton(x, False))
     for a, b in zip(got, want):
-        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert a.dtype == b.dtype and torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))
     with pytest.raises(ValueError, match="K=200"):
         fp8.quantize_1x128_dual(torch.randn(4, 200))
 
@@ -210,6 +214,20 @@ def test_gemm(m, n, k, b_form, tma):
     out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, tma=tma, out=nan_poison(m, n))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
     assert_gemm_close(out, ref, dequant_abs_product(qa, sa, qb, fp8._b_scale_rows(sb, n)))
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_gemm_weight_gradient_form(tma):
+    """dW = dY^T X from quantize_1x128_t's outputs: both scales 1x128 along the tokens, stored
+    token-block-major (strides (1, rows)); 300 tokens padded to 384, partial tiles in both output dims."""
+    dy, x = torch.randn(300, 200), torch.randn(300, 136)
+    qa, sa = fq.quantize_1x128_t_triton(dy, False)  # (200, 384), (200, 3)
+    qb, sb = fq.quantize_1x128_t_triton(x, False)  # (136, 384), (136, 3)
+    assert sa.stride() == (1, 200) and sb.stride() == (1, 136)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, tma=tma, out=nan_poison(200, 136))
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    assert_gemm_close(out, ref, dequant_abs_product(qa, sa, qb, sb))
+    assert (out - dy.t() @ x).norm() <= 0.08 * (dy.t() @ x).norm()  # and it is dW, to FP8 accuracy
 
 
 @pytest.mark.parametrize(
