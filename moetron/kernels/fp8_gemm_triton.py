@@ -12,8 +12,8 @@ same arithmetic in the same order), so the MMA can overlap it; the autotuner pic
 
 * On sm_90 the dense GEMM with weight-block b-scales goes to the warp-specialized Gluon kernel
   (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% faster on the H100); this kernel serves the
-  weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured 3-12% slower
-  than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
+  weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured from 12%
+  slower to 2% faster than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
 * Tiles are walked in GROUP_M super-rows, so neighbouring programs share A and B tiles in L2.
 * On Hopper (capability >= 9) operands load through host-side TMA descriptors (zero-filled out of bounds);
   elsewhere, and by default under TRITON_INTERPRET=1, through masked pointers.
@@ -251,8 +251,8 @@ def _descs(a2: torch.Tensor, b2: torch.Tensor, use_tma: bool):
 
 
 def _rows(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """The kernels index the operands' last dim with unit stride (the dense and weight-gradient kernels take
-    the scales' strides; the grouped kernel's scales go through _rows too)."""
+    """Unit stride along the last dim: what the kernels need of the operands (and of the grouped GEMM's and the
+    Gluon kernel's scales; the dense and weight-gradient Triton kernels take any scale strides)."""
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 

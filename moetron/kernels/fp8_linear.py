@@ -145,11 +145,9 @@ class FP8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
                 grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm. Written in the weight's
-                # dtype: the fp32 accumulator rounded once, as a cast of an fp32 result would round it.
-                dw_dtype = ctx.w_dtype if ctx.w_dtype in OUT_DTYPES else torch.float32
-                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=dw_dtype, backend=backend)[:out_features]
-                grad_w = grad_w.to(ctx.w_dtype)
+                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
+                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
+                grad_w = grad_w[:out_features].to(ctx.w_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -228,7 +226,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
             if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
                 grad_w = fp8_grouped_gemm_wgrad(
-                    qdyt, sdyt, qxt, sxt, group_ends, out_dtype=torch.float32, backend=backend
+                    qdyt, sdyt, qxt, sxt, group_ends, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend
                 ).to(ctx.w_dtype)  # (E, N, K)
         return grad_x, grad_w, None, None, None
 
@@ -256,6 +254,12 @@ def _quantize_weight(weight: torch.Tensor, transposed: bool, pow2_scales: bool, 
         n_experts, out_features, _ = weight.shape
         q, s = q.view(weight.shape), s.view(n_experts, out_features // FP8_BLOCK, -1)
     return q, s, None, None
+
+
+def _grad_dtype(w_dtype: torch.dtype) -> torch.dtype:
+    """The weight gradient GEMM's output dtype: the weight's own where the kernels write it (the fp32
+    accumulator rounded once, as casting an fp32 result would round it, without the extra pass), else fp32."""
+    return w_dtype if w_dtype in OUT_DTYPES else torch.float32
 
 
 def _round_up(n: int, multiple: int) -> int:
