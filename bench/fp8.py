@@ -273,6 +273,12 @@ def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> di
         xq, x_s = f.quantize_1x128(x)
         wq, w_s = quantize_weight_grouped(f, w)
         impls["moetron_fp8"] = lambda: f.fp8_grouped_gemm(xq, x_s, wq, w_s, ends, out_dtype=torch.bfloat16)
+        if device.type == "cuda":  # the Triton kernel alone (fp8_grouped_gemm takes the Gluon one on the H100)
+            from moetron.kernels.fp8_gemm_triton import fp8_grouped_gemm_triton
+
+            impls["moetron_fp8_triton"] = lambda: fp8_grouped_gemm_triton(
+                xq, x_s, wq, w_s, ends, torch.bfloat16, gluon=False
+            )
         impls["moetron_fp8_quant"] = lambda: f.fp8_grouped_gemm(
             *f.quantize_1x128(x), *quantize_weight_grouped(f, w), ends, out_dtype=torch.bfloat16
         )
@@ -301,6 +307,7 @@ def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> di
         [
             ("moetron_fp8", "grouped_mm_bf16"),
             ("moetron_fp8", "scaled_grouped_mm_rowwise"),
+            ("moetron_fp8_triton", "grouped_mm_bf16"),
             ("moetron_fp8_quant", "grouped_mm_bf16"),
         ],
     )
@@ -372,7 +379,13 @@ COLUMNS = {
         "scaled_mm_tensorwise",
         "scaled_mm_rowwise",
     ],
-    "grouped": ["moetron_fp8", "moetron_fp8_quant", "grouped_mm_bf16", "scaled_grouped_mm_rowwise"],
+    "grouped": [
+        "moetron_fp8",
+        "moetron_fp8_triton",
+        "moetron_fp8_quant",
+        "grouped_mm_bf16",
+        "scaled_grouped_mm_rowwise",
+    ],
     "linear": ["moetron_fp8", "torch_bf16"],
 }
 

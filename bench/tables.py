@@ -54,9 +54,9 @@ def fp8(data: dict) -> str:
                        _fmt(r["ratio_moetron_fp8_vs_torch_bf16"], 2)],
         ),
         "grouped": (
-            ["shape M x N x K", "what", "moetron fp8_grouped_gemm", "+ quantize", "bf16 _grouped_mm",
-             "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs bf16"],
-            lambda r: [r["moetron_fp8"], r["moetron_fp8_quant"], r["grouped_mm_bf16"],
+            ["shape M x N x K", "what", "moetron fp8_grouped_gemm", "(Triton kernel)", "+ quantize",
+             "bf16 _grouped_mm", "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs bf16"],
+            lambda r: [r["moetron_fp8"], r.get("moetron_fp8_triton"), r["moetron_fp8_quant"], r["grouped_mm_bf16"],
                        r.get("scaled_grouped_mm_rowwise"), _fmt(r["ratio_moetron_fp8_vs_grouped_mm_bf16"], 2)],
         ),
         "linear": (

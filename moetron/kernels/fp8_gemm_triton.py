@@ -10,10 +10,10 @@ output tile walks K in 128-wide scale blocks. Each block is one FP8 `tl.dot` int
 (arXiv:2412.19437 §3.3.2). With PIPELINE the promotion of block k runs after block k+1's MMA is issued (the
 same arithmetic in the same order), so the MMA can overlap it; the autotuner picks.
 
-* On sm_90 the dense GEMM with weight-block b-scales goes to the warp-specialized Gluon kernel
-  (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% faster on the H100); this kernel serves the
-  weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured from 12%
-  slower to 2% faster than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
+* On sm_90 the dense GEMM with weight-block b-scales and the grouped GEMM go to the warp-specialized Gluon
+  kernels (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% and 10-28% faster on the H100); this kernel
+  serves the weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured
+  from 12% slower to 2% faster than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
 * Tiles are walked in GROUP_M super-rows, so neighbouring programs share A and B tiles in L2.
 * On Hopper (capability >= 9) operands load through host-side TMA descriptors (zero-filled out of bounds);
   elsewhere, and by default under TRITON_INTERPRET=1, through masked pointers.
@@ -311,7 +311,10 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
     return c
 
 
-def fp8_grouped_gemm_triton(a, a_scale, b, b_scale, group_ends, out_dtype, *, tma: bool | None = None, out=None):
+def fp8_grouped_gemm_triton(
+    a, a_scale, b, b_scale, group_ends, out_dtype, *, tma: bool | None = None, gluon: bool | None = None, out=None
+):
+    """`tma`, `gluon`: force the operand path / the Gluon kernel on or off (tests); None picks."""
     (m, k), (n_groups, n) = a.shape, b.shape[:2]
     a, a_scale, b_scale = _rows(a, a_scale, b_scale)
     b = b.contiguous()  # viewed as (E * N, K)
@@ -322,6 +325,12 @@ def fp8_grouped_gemm_triton(a, a_scale, b, b_scale, group_ends, out_dtype, *, tm
         return c.zero_()
     b2 = b.view(n_groups * n, k)  # (E * N, K)
     use_tma = _tma_ok(a, b2) if tma is None else tma
+    if gluon is None:  # picked only when no operand path was forced
+        gluon = tma is None and use_tma and _gluon_ok(c)
+    if gluon:
+        from moetron.kernels.fp8_gemm_gluon import fp8_grouped_gemm_gluon
+
+        return fp8_grouped_gemm_gluon(a, a_scale, b, b_scale, group_ends, c)
     a_desc, b_desc = _descs(a, b2, use_tma)
     grid = lambda meta: (_persistent_programs(a.device, m, n, n_groups, meta),)  # noqa: E731
     _grouped_gemm_kernel[grid](

@@ -31,3 +31,21 @@ def test_gluon_gemm_compiles_for_hopper(tmp_path, out_dtype):
     assert compiled.metadata.num_warps == 16  # 3 consumer warpgroups + the loader warp padded to a warpgroup
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, out_dtype):
+    m, n, k, n_experts = 3000, 1000, 1024, 8
+    a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    b = torch.empty(n_experts, n, k, dtype=torch.float8_e4m3fn)
+    a_scale, b_scale = torch.empty(m, k // 128), torch.empty(n_experts, triton.cdiv(n, 128), k // 128)
+    group_ends = torch.empty(n_experts, dtype=torch.int32)
+    c = torch.empty(m, n, dtype=out_dtype)
+    grid, args, constexprs = gluon_kernel.grouped_kernel_args(a, a_scale, b, b_scale, group_ends, c)
+    assert grid == ((triton.cdiv(m, 192) + n_experts) * triton.cdiv(n, 128),)  # every group may end part-full
+    assert constexprs["BLOCK_E"] == 16  # the groups and the rows past the last one
+    compiled = compile_for_hopper(gluon_kernel._fp8_grouped_gemm_ws_kernel, args, constexprs)
+    assert compiled.metadata.num_warps == 16
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert not any(spill_bytes(compiled, tmp_path))

@@ -350,6 +350,43 @@ def test_grouped_gemm_public_bf16():
     assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
 
 
+@hopper_only
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "m,n,k,n_experts,past",
+    [(3000, 1000, 1024, 8, 37), (8192 + 37, 2048, 2048, 16, 37), (2000, 384, 512, 64, 5), (150, 256, 128, 1, 0),
+     (4000, 256, 384, 4, 0)],
+)  # fmt: skip
+def test_grouped_gemm_gluon(m, n, k, n_experts, past, out_dtype, monkeypatch):
+    """The warp-specialized Gluon grouped kernel: groups of any size (empty, under 64 rows, unaligned: the
+    masked store; whole 64-row slices: the TMA store), rows past the last group (zeros) or none, N not a
+    multiple of 128, a single K block, one expert, into poisoned buffers; the public fp8_grouped_gemm takes
+    it on the H100."""
+    import moetron.kernels.fp8_gemm_gluon as gluon_module
+
+    group_ends = random_group_ends(m - past, n_experts, n_empty=min(2, n_experts - 1))
+    ends = group_ends.tolist()
+    group_ends = group_ends.cuda()
+    qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    qb, sb = expert_weights(n_experts, n, k)
+    out = fg.fp8_grouped_gemm_triton(
+        qa, sa, qb, sb, group_ends, out_dtype, gluon=True, out=poison(m, n, dtype=out_dtype)
+    )
+    ref = fp8.fp8_grouped_gemm_reference(qa, sa, qb, sb, group_ends, torch.float32)
+    assert (out[ends[-1] :] == 0).all()
+    bound = grouped_bound(qa, sa, qb, sb, ends)
+    if out_dtype == torch.float32:
+        assert_accumulation_close(out, ref, bound)
+    else:  # plus the output rounding
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    calls = []
+    real = gluon_module.fp8_grouped_gemm_gluon
+    monkeypatch.setattr(gluon_module, "fp8_grouped_gemm_gluon", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(fp8.fp8_grouped_gemm(qa, sa, qb, sb, group_ends, out_dtype=out_dtype), out)
+    assert calls == [1]
+
+
 def check_wgrad(n, k, n_experts, tma=None):
     group_ends = random_group_ends(5000, n_experts, n_empty=2, multiple=128)  # every group a multiple of 128
     group_ends[-1] -= 50  # the last group ends inside a block
