@@ -328,9 +328,9 @@ def fp8_grouped_gemm_triton(
     if gluon is None:  # picked only when no operand path was forced
         gluon = tma is None and use_tma and _gluon_ok(c)
     if gluon:
-        from moetron.kernels.fp8_gemm_gluon import fp8_grouped_gemm_gluon
+        from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
-        return fp8_grouped_gemm_gluon(a, a_scale, b, b_scale, group_ends, c)
+        return fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends)
     a_desc, b_desc = _descs(a, b2, use_tma)
     grid = lambda meta: (_persistent_programs(a.device, m, n, n_groups, meta),)  # noqa: E731
     _grouped_gemm_kernel[grid](
