@@ -455,6 +455,10 @@ def main() -> None:
         sys.exit(f"bench/fp8.py: unknown --sections {sorted(unknown)}; valid: {list(COLUMNS)}")
 
     start = time.time()
+    if device.type == "cuda" and not args.quick:
+        # Warm-up, discarded: measured first in a fresh process, the first shape came out up to 25% slow and
+        # varied run to run (every column, the peers' too: clocks, autotuning, first launches).
+        gemm_row(*GEMM_SHAPES[0], moetron_fp8(), args, device)
     rows: list[dict] = []
     if "gemm" in sections:
         rows += gemm_rows(QUICK_GEMM if args.quick else GEMM_SHAPES, args, device)
