@@ -69,7 +69,7 @@ def gluon_off(name):
         os.environ.pop("MOETRON_ATTN_GLUON")
 
 
-def chosen_configs(mode, q, v):
+def chosen_configs(mode, q, v, causal):
     """The autotuner's pick for the shape just timed (tile, warps, stages, tensor descriptors or not), and
     which forward kernel flash_attention dispatched to."""
     kernels = {"fwd": attention_triton_kernels._fwd_kernel}
@@ -77,7 +77,8 @@ def chosen_configs(mode, q, v):
         kernels.update(dkdv=attention_triton_kernels._bwd_dkdv_kernel, dq=attention_triton_kernels._bwd_dq_kernel)
     configs = {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
     if attention_gluon.supported(q, q, v):
-        configs["fwd_moetron_triton"] = "gluon: persistent, 2 consumer warpgroups x 64 rows, 128-key blocks"
+        consumers = attention_gluon._consumers(q.shape[-1], v.shape[-1], causal, None)
+        configs["fwd_moetron_triton"] = f"gluon: persistent, {consumers} consumer warpgroups x 64 rows, 128-key blocks"
     return configs
 
 
@@ -131,7 +132,7 @@ def main():
                     except Exception as e:  # a backend that does not take this shape
                         row[name] = None
                         row[f"{name}_error"] = str(e).splitlines()[0][:160]
-                row["moetron_configs"] = chosen_configs(mode, q, v)
+                row["moetron_configs"] = chosen_configs(mode, q, v, causal)
                 for peer in ("sdpa_flash", "sdpa_cudnn", "triton_kernel"):
                     if row.get(peer) and row.get("moetron_triton"):
                         row[f"ratio_vs_{peer}"] = round(row["moetron_triton"] / row[peer], 3)

@@ -3,7 +3,8 @@
 The same arithmetic as the Triton forward (moetron/kernels/attention_triton_kernels.py: online softmax
 over key blocks in log2 units, fp32 accumulation, logsumexp saved for the backward), organized the way
 FlashAttention-3 (Shah et al. 2024) organizes it on Hopper. Each program owns 128 query rows of one head
-and is split into partitions that run concurrently on the SM:
+(192 for head dim 64 without a mask: three consumer warpgroups) and is split into partitions that run
+concurrently on the SM:
 
 * a loader (1 warp): TMA copies of the two 64-row query tiles once, then of the key and value tiles of
   every key block into a STAGES-deep ring of shared memory; `k_ready[s]`/`v_ready[s]` complete when
@@ -39,15 +40,22 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
-BLOCK_M = 2 * WG_ROWS  # two consumer warpgroups per program
 BLOCK_N = 128  # keys per block
-# Registers per thread: O (64 fp32) + S (64) + P (32) + softmax state per consumer; the worker consumer gets
-# CONSUMER_REGS, the default partition what is left (240), the loader LOADER_REGS (found by the compile test).
-CONSUMER_REGS = 232
-LOADER_REGS = 32
+# Registers per thread: O (up to 64 fp32) + S (64) + P (32) + softmax state per consumer; the worker consumers
+# get REGS[consumers][0] each, the loader REGS[consumers][1], the default partition what is left of 512 per
+# warpgroup (two consumers: 240; three: 168), found by the compile test.
+REGS = {2: (232, 32), 3: (160, 24)}
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
 LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def _consumers(d_qk: int, d_v: int, causal: bool, window) -> int:
+    """Consumer warpgroups: three (192 query rows a program) for head dim 64 without a mask, whose 64 x 64 O
+    accumulator leaves the registers for a third (measured 3-6% faster than two on the H100); two (128 rows)
+    otherwise: at 160 registers the causal and window masks spill and ran at half speed
+    (bench/results/attention_hd64_experiment.json)."""
+    return 3 if max(d_qk, d_v) <= 64 and not causal and window is None else 2
 
 
 def _stages(d_qk: int, d_v: int) -> int:
@@ -126,22 +134,24 @@ def _loader(
                                              qt_tiles.layout)  # fmt: skip
         kt_desc = tma.make_tensor_descriptor(K, [total_k, n_heads // group * D_QK], [stride_kt, 1],
                                              [BLOCK_N, D_QK - MAIN], kt_ring.layout)  # fmt: skip
-    q_bytes: gl.constexpr = 2 * ROWS * D_QK * Q.dtype.element_ty.primitive_bitwidth // 8
+    PARTS: gl.constexpr = q_tiles.shape[0]  # consumer warpgroups
+    q_bytes: gl.constexpr = PARTS * ROWS * D_QK * Q.dtype.element_ty.primitive_bitwidth // 8
     k_bytes: gl.constexpr = BLOCK_N * D_QK * K.dtype.element_ty.primitive_bitwidth // 8
     v_bytes: gl.constexpr = BLOCK_N * D_V * V.dtype.element_ty.primitive_bitwidth // 8
     c = 0
     n_done = 0
     for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
         for half in range(2 if CAUSAL else 1):
-            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, 2 * ROWS,
+            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, PARTS * ROWS,
                                                           CAUSAL)  # fmt: skip
             if m0 < q_len:
-                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
+                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                          1)  # fmt: skip
                 q_col = h * D_QK
                 k_col = h // group * D_QK
                 mbarrier.wait(q_empty, (n_done & 1) ^ 1)  # the first item finds the query tiles free
                 mbarrier.expect(q_ready, q_bytes)
-                for w in gl.static_range(2):
+                for w in gl.static_range(PARTS):
                     tma.async_copy_global_to_shared(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready, q_tiles.index(w))
                     if TAIL:
                         tma.async_copy_global_to_shared(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN], q_ready,
@@ -227,6 +237,7 @@ def _consumer(
 ):  # fmt: skip
     """Consumer partition WG: query rows [m0 + 64 WG, m0 + 64 WG + 64) of each work item's block."""
     ROWS: gl.constexpr = q_tiles.shape[1]
+    PARTS: gl.constexpr = q_tiles.shape[0]  # consumer warpgroups
     TAIL: gl.constexpr = D_QK > q_tiles.shape[2]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D_V: gl.constexpr = v_ring.shape[2]
@@ -242,11 +253,11 @@ def _consumer(
     n_done = 0
     for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
         for half in range(2 if CAUSAL else 1):
-            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, 2 * ROWS,
+            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, PARTS * ROWS,
                                                           CAUSAL)  # fmt: skip
             if m0 < q_len:
                 offset = k_len - q_len
-                lo, full, hi = _key_range(m0, k_len, offset, window, 2 * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
+                lo, full, hi = _key_range(m0, k_len, offset, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
                 rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
                 mbarrier.wait(q_ready, n_done & 1)
 
@@ -306,21 +317,21 @@ def _attn_fwd_ws_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
     stride_lh, n_heads, group, scale_log2, window, n_q_blocks, n_units,
     D_QK: gl.constexpr, D_V: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
-    SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    SMEM: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """Persistent: each program takes work units pid, pid + programs, ... (a unit: a 128-query block of one
-    head and sequence, two of them when causal; see _tile).
-    Two consumer warpgroups (the default partition is the first) and a loader warp share the query tiles
-    and the key/value ring; the loader fetches the next item's tiles during the current one's last blocks
-    and output."""
+    """Persistent: each program takes work units pid, pid + programs, ... (a unit: a (64 CONSUMERS)-query
+    block of one head and sequence, two of them when causal; see _tile).
+    CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
+    loader warp share the query tiles and the key/value ring; the loader fetches the next item's tiles
+    during the current one's last blocks and output."""
     ROWS: gl.constexpr = 64
     MAIN: gl.constexpr = 128 if D_QK > 128 else D_QK  # query/key columns in the main tiles
     TAIL: gl.constexpr = D_QK > MAIN
     BLOCK_N: gl.constexpr = 128
-    q_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [2, ROWS, MAIN], SMEM)
+    q_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [CONSUMERS, ROWS, MAIN], SMEM)
     k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, MAIN], SMEM)
     if TAIL:
-        qt_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [2, ROWS, D_QK - MAIN], SMEM)
+        qt_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [CONSUMERS, ROWS, D_QK - MAIN], SMEM)
         kt_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D_QK - MAIN], SMEM)
     else:
         qt_tiles = q_tiles  # (unused)
@@ -333,27 +344,48 @@ def _attn_fwd_ws_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)  # the loader's expect; completes when the bytes have landed
-    mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
+    mbarrier.init(q_empty, count=CONSUMERS)  # one arrival per consumer warpgroup
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)
-        mbarrier.init(v_empty.index(s), count=2)
-    gl.warp_specialize(
-        [
-            (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks,
-                         n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-            (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks,
-                         n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-            (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
-                       group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-        ],
-        [4, 1],
-        [CONSUMER_REGS, LOADER_REGS],
-    )  # fmt: skip
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
+                             n_q_blocks, n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
+                             n_q_blocks, n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
+                             n_q_blocks, n_units, scale_log2, 2, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
+                           v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
+                           group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    else:
+        gl.static_assert(CONSUMERS == 2, "CONSUMERS: 2, or 3 for head dim 64")
+        gl.warp_specialize(
+            [
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
+                             n_q_blocks, n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
+                             n_q_blocks, n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
+                           v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
+                           group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
 
 
 def gluon_enabled(x: torch.Tensor) -> bool:
@@ -396,12 +428,17 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
-def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs):
+def kernel_args(
+    q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs, consumers=None,
+    stages=None,
+):  # fmt: skip
     """(grid, args, constexprs) of _attn_fwd_ws_kernel for flattened (tokens, heads, dim) q2, k2, v2,
-    out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most."""
+    out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most.
+    `consumers`, `stages`: override the per-head-dim choice (experiments, tests)."""
     d_qk, d_v = q2.shape[2], v2.shape[2]
+    consumers = consumers or _consumers(d_qk, d_v, causal, window)
     q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
-    n_q_blocks = triton.cdiv(max_q, BLOCK_M)
+    n_q_blocks = triton.cdiv(max_q, consumers * WG_ROWS)
     per_head = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # see _tile
     n_units = per_head * (cu_q.numel() - 1) * n_heads
     grid = (min(n_units, programs),)
@@ -412,12 +449,13 @@ def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal,
     constexprs = dict(
         D_QK=d_qk,
         D_V=d_v,
-        STAGES=_stages(d_qk, d_v),
+        STAGES=stages or _stages(d_qk, d_v),
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         SMEM=_smem_layout(q2.dtype),
-        CONSUMER_REGS=CONSUMER_REGS,
-        LOADER_REGS=LOADER_REGS,
+        CONSUMERS=consumers,
+        CONSUMER_REGS=REGS[consumers][0],
+        LOADER_REGS=REGS[consumers][1],
         num_warps=4,
     )
     return grid, args, constexprs

@@ -16,7 +16,8 @@ attention_gluon = pytest.importorskip("moetron.kernels.attention_gluon")
 @pytest.mark.parametrize(
     "d_qk,d_v,causal,window,dtype",
     [
-        (64, 64, False, None, torch.bfloat16),
+        (64, 64, False, None, torch.bfloat16),  # three consumer warpgroups
+        (64, 64, True, None, torch.float16),
         (128, 128, True, 256, torch.float16),
         (192, 128, True, None, torch.bfloat16),  # MLA: query/key tiles in a 128 + 64 column split
     ],
@@ -31,11 +32,13 @@ def test_gluon_forward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window, 
     grid, args, constexprs = attention_gluon.kernel_args(
         q, k, v, out, lse, cu, cu, 623, n_heads, n_heads // n_kv, causal, d_qk**-0.5, window, 132
     )
-    n_q_blocks = triton.cdiv(623, 128)
+    consumers = 3 if (d_qk, causal, window) == (64, False, None) else 2  # 192 query rows, or 128
+    assert constexprs["CONSUMERS"] == consumers
+    n_q_blocks = triton.cdiv(623, 64 * consumers)
     units = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # causal units pair a long and a short block
     assert grid == (min(132, units * 2 * n_heads),)
     compiled = compile_for_hopper(attention_gluon._attn_fwd_ws_kernel, args, constexprs)
-    assert compiled.metadata.num_warps == 12  # 2 consumer warpgroups + the loader warp padded to a warpgroup
+    assert compiled.metadata.num_warps == 4 * (consumers + 1)  # + the loader warp padded to a warpgroup
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills
 
