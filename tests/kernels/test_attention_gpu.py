@@ -58,6 +58,8 @@ def test_deterministic_backward():
     [
         (2, 1, 1, 4, 4, 128, 128, True, None, False),
         (2, 17, 17, 4, 1, 64, 64, False, None, False),
+        (1, 2048, 2048, 8, 2, 64, 64, False, None, True),  # head dim 64 unmasked: three consumer warpgroups
+        (1, 500, 900, 4, 4, 64, 64, False, None, False),
         (1, 129, 129, 8, 2, 128, 128, True, None, False),
         (1, 1000, 1000, 4, 4, 192, 128, True, None, False),
         (1, 127, 300, 4, 4, 128, 128, False, None, False),
