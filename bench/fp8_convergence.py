@@ -27,13 +27,13 @@ epochs: a numerics comparison, not a language-modelling result.
         --model moe_debug --override model.q_lora_rank=128 model.kv_lora_rank=128 model.moe_ffn_hidden=128
     python bench/plot_fp8_convergence.py bench/results/fp8_convergence.json   # -> fp8_convergence.png
 
-The noise floor the 1% target is judged against: `--second bf16 --second-override kernels.backend=torch`
-trains BF16 twice, the second run with other kernels for the same math (SDPA attention instead of
-moetron's), so the two differ by rounding only; their final-loss difference is how far rounding alone
+The noise floor the 1% target is judged against: `--second bf16 --second-override kernels.backend=sdpa`
+trains BF16 twice, the second run with other kernels for the same math (torch's SDPA attention in
+bf16 instead of moetron's), so the two differ by rounding only; their final-loss difference is how far rounding alone
 moves this comparison (the JSON names the second run "bf16_b").
 
     python bench/fp8_convergence.py --out bench/results/fp8_convergence_floor.json --second bf16 \
-        --second-override kernels.backend=torch
+        --second-override kernels.backend=sdpa
 """
 
 from __future__ import annotations
