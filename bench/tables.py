@@ -55,9 +55,11 @@ def fp8(data: dict) -> str:
         ),
         "grouped": (
             ["shape M x N x K", "what", "moetron fp8_grouped_gemm", "(Triton kernel)", "+ quantize",
-             "bf16 _grouped_mm", "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs bf16"],
+             "bf16 _grouped_mm", "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs cuBLAS fp8", "vs bf16"],
             lambda r: [r["moetron_fp8"], r.get("moetron_fp8_triton"), r["moetron_fp8_quant"], r["grouped_mm_bf16"],
-                       r.get("scaled_grouped_mm_rowwise"), _fmt(r["ratio_moetron_fp8_vs_grouped_mm_bf16"], 2)],
+                       r.get("scaled_grouped_mm_rowwise"),
+                       _fmt(r.get("ratio_moetron_fp8_vs_scaled_grouped_mm_rowwise"), 2),
+                       _fmt(r["ratio_moetron_fp8_vs_grouped_mm_bf16"], 2)],
         ),
         "linear": (
             ["shape M x N x K", "what", "moetron FP8Linear", "bf16 nn.Linear", "vs bf16"],
