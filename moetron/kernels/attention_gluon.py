@@ -428,15 +428,11 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
-def kernel_args(
-    q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs, consumers=None,
-    stages=None,
-):  # fmt: skip
+def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs):
     """(grid, args, constexprs) of _attn_fwd_ws_kernel for flattened (tokens, heads, dim) q2, k2, v2,
-    out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most.
-    `consumers`, `stages`: override the per-head-dim choice (experiments, tests)."""
+    out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most."""
     d_qk, d_v = q2.shape[2], v2.shape[2]
-    consumers = consumers or _consumers(d_qk, d_v, causal, window)
+    consumers = _consumers(d_qk, d_v, causal, window)
     q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
     n_q_blocks = triton.cdiv(max_q, consumers * WG_ROWS)
     per_head = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # see _tile
@@ -449,7 +445,7 @@ def kernel_args(
     constexprs = dict(
         D_QK=d_qk,
         D_V=d_v,
-        STAGES=stages or _stages(d_qk, d_v),
+        STAGES=_stages(d_qk, d_v),
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         SMEM=_smem_layout(q2.dtype),

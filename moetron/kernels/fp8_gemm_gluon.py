@@ -60,6 +60,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from moetron.kernels.fp8_gemm_triton import _sm_count
+
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
 CONSUMERS = 3  # consumer warpgroups: BLOCK_M = 192
 BLOCK_M = WG_ROWS * CONSUMERS
@@ -101,8 +103,9 @@ def _locate(tile, starts, ends, tiles, first_tile, N, BLOCK_M: gl.constexpr, BLO
     n_m, n_n = gl.sum(tiles, 0), gl.cdiv(N, BLOCK_N)
     width = GROUP_M * n_n
     first_m = (tile // width) * GROUP_M
-    t = first_m + (tile % width) % gl.minimum(n_m - first_m, GROUP_M)  # row tile
-    tn = (tile % width) // gl.minimum(n_m - first_m, GROUP_M)  # column tile
+    group_rows = gl.minimum(n_m - first_m, GROUP_M)  # row tiles in this super-row
+    t = first_m + (tile % width) % group_rows  # row tile
+    tn = (tile % width) // group_rows  # column tile
     seg = gl.sum((first_tile + tiles <= t).to(gl.int32), 0)  # the segment holding row tile t
     here = gl.arange(0, starts.shape[0], layout=starts.type.layout) == seg
     m0 = gl.sum(gl.where(here, starts + (t - first_tile) * BLOCK_M, 0), 0)
@@ -254,13 +257,13 @@ def _desc(t: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, _smem_layout(tuple(block), dtype))
 
 
-def kernel_args(a, a_scale, b, b_scale, c, group_ends=None):
+def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None):
     """(grid, args, constexprs) of _fp8_gemm_ws_kernel; checked operands: a (M, K) e4m3, and b (N, K) e4m3 with
     b_scale (ceil(N/128), K/128), or grouped (group_ends (E,) int32 or int64, E >= 1) b (E, N, K) contiguous
     with b_scale (E, ceil(N/128), K/128); 16-byte aligned bases and row strides, K % 128 == 0, a_scale
     (M, K/128), the scales with unit K-block strides; c (M, N) bf16, fp16 or fp32 with a unit column stride.
-    The grid: one program per SM, never more than the worst-case tile count (every group may end in a part
-    tile)."""
+    The grid: `programs` (one per SM), never more than the worst-case tile count (every group may end in a
+    part tile)."""
     (m, k), n = a.shape, b.shape[-2]
     n_groups = 0 if group_ends is None else b.shape[0]
     a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
@@ -268,7 +271,7 @@ def kernel_args(a, a_scale, b, b_scale, c, group_ends=None):
     tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
     c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
     tiles = (triton.cdiv(m, BLOCK_M) + n_groups) * triton.cdiv(n, BLOCK_N)
-    grid = (min(tiles, _sm_count(c.device)),)
+    grid = (min(tiles, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
     args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(0),
@@ -290,18 +293,11 @@ def _no_groups(device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)  # group_ends of a dense GEMM (never read: E = 0)
 
 
-@functools.cache
-def _sm_count(device) -> int:
-    if device.type != "cuda":  # (compiling on the CPU: the H100's)
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends=None):
     """c (M, N) = the block-scaled a @ b^T, or per group e its rows of a @ b[e]^T with the rows past
     group_ends[-1] zero (see kernel_args for what the operands must be); returns c."""
     if c.shape[0] and c.shape[1]:
-        grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, group_ends)
+        grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), group_ends)
         _fp8_gemm_ws_kernel[grid](*args, **constexprs)
     return c
 

@@ -24,7 +24,7 @@ def test_gluon_gemm_compiles_for_hopper(tmp_path, out_dtype):
     b = torch.empty(n, k, dtype=torch.float8_e4m3fn)
     a_scale, b_scale = torch.empty(m, k // 128), torch.empty(triton.cdiv(n, 128), k // 128)
     c = torch.empty(m, n, dtype=out_dtype)
-    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c)
+    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)
     assert grid == (min(triton.cdiv(m, 192) * triton.cdiv(n, 128), 132),)  # persistent: at most one per SM
     assert constexprs["TMA_STORE"] == (out_dtype == torch.bfloat16)  # fp32 staging would not fit
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
@@ -42,11 +42,11 @@ def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, out_dtype):
     a_scale, b_scale = torch.empty(m, k // 128), torch.empty(n_experts, triton.cdiv(n, 128), k // 128)
     group_ends = torch.empty(n_experts, dtype=torch.int32)
     c = torch.empty(m, n, dtype=out_dtype)
-    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, group_ends)
+    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, group_ends)
     assert grid == (132,)  # persistent: one program per H100 SM (the worst case has more tiles)
     assert constexprs["BLOCK_E"] == 16  # the groups and the rows past the last one
     b_small = b[:, :128].contiguous()
-    small = gluon_kernel.kernel_args(a[:100], a_scale[:100], b_small, b_scale[:, :1], c[:100, :128], group_ends)
+    small = gluon_kernel.kernel_args(a[:100], a_scale[:100], b_small, b_scale[:, :1], c[:100, :128], 132, group_ends)
     assert small[0] == ((1 + n_experts) * 1,)  # never more programs than the worst-case tile count
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 16
