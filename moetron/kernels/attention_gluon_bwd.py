@@ -14,6 +14,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.attention_gluon import _GL_DTYPES, gluon_enabled
 from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel, _dq_kernel
+from moetron.kernels.launch import FastLaunch
 
 BLOCK = 2 * WG_ROWS  # key rows per dK/dV program, query rows per dQ program
 
@@ -101,6 +102,10 @@ def kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, layout, causal, scale, win
     return dkdv, dqk
 
 
+# Launchers that skip Triton's per-call binding once a signature has run (launch.py).
+_launch_dkdv, _launch_dq = FastLaunch(_dkdv_kernel), FastLaunch(_dq_kernel)
+
+
 def gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, window):
     """dq, dk, dv shaped like q, k, v from do, q, k, v (batch, seq, heads, dim), the preprocessed lse2 and
     delta of triton_attention_backward ((heads, tokens) fp32: the logsumexp in log2 units, +inf for rows
@@ -109,8 +114,8 @@ def gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, wi
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dkdv, dqk = kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, layout, causal, scale, window)
-    for kernel, (grid, args, kw) in ((_dkdv_kernel, dkdv), (_dq_kernel, dqk)):
-        kernel[grid](*args, **kw)
+    for launch, (grid, args, kw) in ((_launch_dkdv, dkdv), (_launch_dq, dqk)):
+        launch(grid, *args, **kw)
     return dq, dk, dv
 
 

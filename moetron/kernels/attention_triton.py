@@ -26,6 +26,10 @@ from moetron.kernels.attention_triton_kernels import (
     _bwd_dq_kernel,
     _fwd_kernel,
 )
+from moetron.kernels.launch import FastLaunch
+
+# Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
+_launch_fwd, _launch_dkdv, _launch_dq = map(FastLaunch, (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel))
 
 
 def _layout(q, k, cu_seqlens, max_seqlen):
@@ -69,8 +73,8 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
         )
         return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
-    _fwd_kernel[grid](
-        q2, k2, v2, out, lse, cu_q, cu_k,
+    _launch_fwd(
+        grid, q2, k2, v2, out, lse, cu_q, cu_k,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         n_heads, n_heads // n_kv, scale * LOG2E, window or 0,
@@ -103,13 +107,13 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)](
-        q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
+    _launch_dkdv(
+        lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv), q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_kv, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)](
-        q2, k2, v2, do2, lse2, delta, dq, cu_q, cu_k, *strides,
+    _launch_dq(
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads), q2, k2, v2, do2, lse2, delta, dq, cu_q, cu_k, *strides,
         dq.stride(0), dq.stride(1),
         n_heads, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip

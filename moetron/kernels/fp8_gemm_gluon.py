@@ -61,6 +61,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.fp8_gemm_triton import _sm_count
+from moetron.kernels.launch import FastLaunch
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
 CONSUMERS = 3  # consumer warpgroups: BLOCK_M = 192
@@ -293,12 +294,15 @@ def _no_groups(device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)  # group_ends of a dense GEMM (never read: E = 0)
 
 
+_launch = FastLaunch(_fp8_gemm_ws_kernel)  # skips Triton's per-call binding once a signature has run (launch.py)
+
+
 def fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends=None):
     """c (M, N) = the block-scaled a @ b^T, or per group e its rows of a @ b[e]^T with the rows past
     group_ends[-1] zero (see kernel_args for what the operands must be); returns c."""
     if c.shape[0] and c.shape[1]:
         grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), group_ends)
-        _fp8_gemm_ws_kernel[grid](*args, **constexprs)
+        _launch(grid, *args, **constexprs)
     return c
 
 

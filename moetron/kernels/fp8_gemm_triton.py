@@ -40,6 +40,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetron.kernels.fp8 import SCALE_BLOCK, _capability
+from moetron.kernels.launch import FastLaunch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -235,6 +236,10 @@ def _wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+# Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
+_launch_gemm, _launch_grouped, _launch_wgrad = map(FastLaunch, (_gemm_kernel, _grouped_gemm_kernel, _wgrad_kernel))
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Hopper TMA: 16-byte aligned bases and row strides (the fp8 operands are (rows, multiple of 128))."""
     t = tensors[0]
@@ -303,8 +308,8 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
         return fp8_gemm_gluon(a, *_rows(a_scale), b, *_rows(b_scale), c)  # (unit K-block strides of the scales)
     a_desc, b_desc = _descs(a, b, use_tma)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_kernel[grid](
-        a, a_desc, b, b_desc, a_scale, b_scale, c, m, n, k, _bucket(m), a.stride(0), b.stride(0),
+    _launch_gemm(
+        grid, a, a_desc, b, b_desc, a_scale, b_scale, c, m, n, k, _bucket(m), a.stride(0), b.stride(0),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0),
         B_ROWS=b_rows, USE_TMA=use_tma, UPCAST=INTERPRET,
     )  # fmt: skip
@@ -333,8 +338,8 @@ def fp8_grouped_gemm_triton(
         return fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends)
     a_desc, b_desc = _descs(a, b2, use_tma)
     grid = lambda meta: (_persistent_programs(a.device, m, n, n_groups, meta),)  # noqa: E731
-    _grouped_gemm_kernel[grid](
-        a, a_desc, b2, b_desc, a_scale, b_scale, c, group_ends, m, n, k, n_groups, _bucket(m),
+    _launch_grouped(
+        grid, a, a_desc, b2, b_desc, a_scale, b_scale, c, group_ends, m, n, k, n_groups, _bucket(m),
         a.stride(0), b2.stride(0), a_scale.stride(0), b_scale.stride(0), b_scale.stride(1), c.stride(0),
         BLOCK_E=triton.next_power_of_2(n_groups + 1), USE_TMA=use_tma, UPCAST=INTERPRET,
     )  # fmt: skip
@@ -354,8 +359,8 @@ def fp8_grouped_gemm_wgrad_triton(
     use_tma = _tma_ok(a_t, b_t) if tma is None else tma
     a_desc, b_desc = _descs(a_t, b_t, use_tma)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), n_groups)  # noqa: E731
-    _wgrad_kernel[grid](
-        a_t, a_desc, b_t, b_desc, a_t_scale, b_t_scale, c, group_ends, n, k, n_groups,
+    _launch_wgrad(
+        grid, a_t, a_desc, b_t, b_desc, a_t_scale, b_t_scale, c, group_ends, n, k, n_groups,
         a_t.stride(0), b_t.stride(0), a_t_scale.stride(0), a_t_scale.stride(1), b_t_scale.stride(0),
         b_t_scale.stride(1), c.stride(0), c.stride(1),
         USE_TMA=use_tma, UPCAST=INTERPRET,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from moetron.kernels.fp8 import AMAX_EPS, FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+from moetron.kernels.launch import FastLaunch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -145,6 +146,11 @@ def _quant_1x128_dual_kernel(
     tl.store(ST + c64 * stride_sk + mb * stride_sb, scale_t)
 
 
+# Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
+_launch_rows, _launch_t = FastLaunch(_quant_1x128_kernel), FastLaunch(_quant_1x128_t_kernel)
+_launch_blocks, _launch_dual = FastLaunch(_quant_128x128_kernel), FastLaunch(_quant_1x128_dual_kernel)
+
+
 def _empty(rows: int, cols: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, cols, dtype=dtype, device=like.device)
 
@@ -156,7 +162,7 @@ def quantize_1x128_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     q, s = out or (_empty(m, k, FP8_DTYPE, x), _empty(m, k // SCALE_BLOCK, torch.float32, x))
     if m and k:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), k // SCALE_BLOCK)  # noqa: E731
-        _quant_1x128_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
+        _launch_rows(grid, x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
     return q, s
 
 
@@ -174,7 +180,7 @@ def quantize_1x128_t_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     qt, st = out or (_empty(k, m_pad, FP8_DTYPE, x), _token_block_major_scales(k, m_pad, x))
     if m and k:
         grid = lambda meta: (m_pad // SCALE_BLOCK, triton.cdiv(k, meta["BLOCK"]))  # noqa: E731
-        _quant_1x128_t_kernel[grid](x, qt, st, m, k, x.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales)
+        _launch_t(grid, x, qt, st, m, k, x.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales)
     return qt, st
 
 
@@ -183,8 +189,8 @@ def _launch_128x128(w3, q3, s3, pow2_scales: bool, transposed: bool):
     n_experts, n, k = w3.shape
     if n_experts and n and k:
         grid = (triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, n_experts)
-        _quant_128x128_kernel[grid](
-            w3, q3, s3, n, k, w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
+        _launch_blocks(
+            grid, w3, q3, s3, n, k, w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
             POW2=pow2_scales, TRANSPOSED=transposed,
         )  # fmt: skip
 
@@ -235,7 +241,20 @@ def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     )
     if m and k:
         grid = (m_pad // SCALE_BLOCK, k // SCALE_BLOCK)
-        _quant_1x128_dual_kernel[grid](
-            x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales
+        _launch_dual(
+            grid,
+            x,
+            q,
+            s,
+            qt,
+            st,
+            m,
+            k,
+            x.stride(0),
+            q.stride(0),
+            s.stride(0),
+            qt.stride(0),
+            *st.stride(),
+            POW2=pow2_scales,
         )
     return q, s, qt, st

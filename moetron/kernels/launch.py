@@ -1,0 +1,145 @@
+"""Re-launching compiled Triton kernels without the JIT's per-call work.
+
+Every `kernel[grid](*args)` call of a `@triton.jit` function binds the arguments, computes their
+specialization (dtypes, 16-byte alignment, integer ranges), hashes a cache key, checks the globals the
+kernel read, and an `@triton.autotune` wrapper first builds its own tuning key from a dict of every
+argument. Measured on the H100 machine's host (Triton 3.6, `.exp`-free numbers in
+bench/results/fp8_launch_overhead.json): an autotuned FP8 quantizer launch took ~50 us of host time, the
+same kernel through the bare JIT ~30 us, its compiled launcher alone ~9 us. The FP8 layers launch nine
+kernels per linear layer forward and backward, so at the mini model's sizes the step waited on Python,
+not on the GPU.
+
+`FastLaunch(kernel)` wraps a jitted or autotuned kernel. A call with a *signature* it has not seen goes
+through Triton as usual (tuning and compiling as needed) and remembers the compiled kernel and the config
+the autotuner picked; later calls with the same signature call the compiled kernel's launcher directly.
+
+The signature is a superset of everything a compiled kernel depends on, so a remembered kernel is only
+re-used where Triton itself would pick the same binary:
+
+* tensors: dtype and whether the address is 16-byte aligned;
+* integers: whether the value is 1, whether it is a multiple of 16, and which of i32 / i64 / u64 holds it;
+  the values themselves for the autotuner's key arguments (and for every keyword argument: the
+  constexprs);
+* TMA descriptors: the same of their base tensor, shape and strides, plus block shape, layout and padding;
+* anything else (None, floats, bools): its value or type.
+
+Where that cannot hold the fast path is off and every call goes through Triton: under TRITON_INTERPRET=1
+(no compiled kernels), and for autotuners with `reset_to_zero`/`restore_value` hooks. Configs with a
+`pre_hook` (the FP8 GEMM sets its descriptors' block shapes in one) have it run before every fast launch,
+as Triton runs it. The grid callable gets the keyword constexprs and the chosen config's
+meta-parameters (the launchers here read only BLOCK sizes from it), not the positional arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_I32, _I64 = 2**31, 2**63
+
+
+def _int_class(v: int) -> tuple:
+    width = 0 if -_I32 <= v < _I32 else 1 if -_I64 <= v < _I64 else 2
+    return (v == 1, v % 16 == 0, width)
+
+
+def _tensor_class(t) -> tuple:
+    return (t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _arg_class(v):
+    """What of one positional argument a compiled kernel can depend on (see the module docstring)."""
+    if hasattr(v, "data_ptr"):  # a tensor
+        return _tensor_class(v)
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return _int_class(v)
+    if hasattr(v, "block_shape"):  # a host-side TMA descriptor (triton.tools or Gluon)
+        return (
+            _tensor_class(v.base),
+            tuple(map(_int_class, v.shape)),
+            tuple(map(_int_class, v.strides)),
+            tuple(v.block_shape),
+            getattr(v, "layout", None),
+            getattr(v, "padding", None),
+        )
+    return type(v)
+
+
+def signature(args: tuple, key_positions: tuple[int, ...] = ()) -> tuple:
+    """The specialization signature of positional `args`; the values at `key_positions` (those present) are
+    kept whole."""
+    return tuple(_arg_class(v) for v in args) + tuple(args[i] for i in key_positions if i < len(args))
+
+
+class FastLaunch:
+    """`FastLaunch(kernel)(grid, *args, **constexprs)` launches `kernel[grid](*args, **constexprs)`,
+    remembering the compiled kernel per signature (module docstring). `kernel` is a `@triton.jit` function,
+    optionally under one `@triton.autotune`. Returns nothing."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.autotuner = kernel if isinstance(kernel, Autotuner) else None
+        self.jit = kernel.fn if self.autotuner else kernel
+        self.enabled = not INTERPRET and isinstance(self.jit, JITFunction)
+        if self.autotuner is not None:
+            hooks = (self.autotuner.reset_to_zero, self.autotuner.restore_value)
+            self.enabled = self.enabled and not any(hooks)
+        self.cache: dict[tuple, tuple] = {}
+        if not self.enabled:
+            return
+        self.names = list(self.jit.arg_names)
+        tuned = set(self.autotuner.keys if self.autotuner else ())
+        # positions whose values (not only their class) select the binary or the config
+        self.key_positions = tuple(i for i, p in enumerate(self.jit.params) if p.is_constexpr or p.name in tuned)
+
+    def __call__(self, grid, *args, **constexprs) -> None:
+        if not self.enabled:
+            self.kernel[grid](*args, **constexprs)
+            return
+        device = driver.active.get_current_device()
+        key = (device, signature(args, self.key_positions), tuple(constexprs.items()))
+        entry = self.cache.get(key)
+        if entry is None:
+            self.cache[key] = self._first_launch(grid, args, constexprs)
+            return
+        compiled, meta, tail, pre_hook = entry
+        if pre_hook is not None:
+            pre_hook({**dict(zip(self.names, args)), **meta})
+        grid = grid(meta) if callable(grid) else grid
+        grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+        stream = driver.active.get_current_stream(device)
+        enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        launch_metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args, *tail)
+        compiled.run(
+            grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, launch_metadata,
+            enter, exit_, *args, *tail,
+        )  # fmt: skip
+
+    def _first_launch(self, grid, args, constexprs) -> tuple:
+        """Launch through Triton (tuning and compiling as needed); return what later launches re-use:
+        (compiled kernel, meta for the grid, the trailing arguments in parameter order, config pre_hook)."""
+        compiled = self.kernel[grid](*args, **constexprs)
+        config = self.autotuner.best_config if self.autotuner else None
+        meta = {**constexprs, **(config.all_kwargs() if config else {})}
+        params = {p.name: p for p in self.jit.params}
+        tail = []
+        for name in self.names[len(args) :]:
+            if name in meta:
+                tail.append(meta[name])
+            elif params[name].has_default:
+                tail.append(params[name].default)
+            else:
+                raise TypeError(f"FastLaunch: no value for parameter {name!r} of {self.jit.__name__}")
+        if hasattr(compiled, "result"):  # an asynchronous compile
+            compiled = compiled.result()
+        return compiled, meta, tuple(tail), config.pre_hook if config else None
+
+
+__all__ = ["FastLaunch", "signature"]

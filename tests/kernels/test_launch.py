@@ -1,0 +1,84 @@
+"""FastLaunch (moetron/kernels/launch.py): the signature separates every argument property a compiled
+Triton kernel is specialized on; on the GPU a remembered kernel gives the bytes Triton's own launch gives,
+across alignments, integer classes, tuned keys and constexprs. The interpreter fallback:
+tests/kernels/interpreted/test_launch_interpreted.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from moetron.kernels.launch import FastLaunch, signature
+
+
+def test_signature_separates_what_triton_specializes_on():
+    base = torch.empty(64, dtype=torch.float32)
+    aligned, misaligned = base[:32], base[1:33]  # 4-byte offset: not 16-byte aligned
+    assert signature((aligned,)) == signature((base[4:36],))  # both 16-byte aligned
+    assert signature((aligned,)) != signature((misaligned,))
+    assert signature((aligned,)) != signature((aligned.to(torch.float16),))
+    # integers: 1, multiples of 16, other values, and their width
+    assert signature((32,)) == signature((4096,))
+    assert len({signature((v,)) for v in (1, 16, 17, 2**31, 2**63)}) == 5
+    assert signature((17,)) == signature((1001,))
+    # values kept whole at key positions (constexprs and the autotuner's key)
+    assert signature((17, 1024), key_positions=(1,)) != signature((17, 2048), key_positions=(1,))
+    assert signature((True,)) != signature((False,))
+    assert signature((None,)) != signature((0,))
+
+
+@triton.jit
+def _scaled_copy(X, Y, n, stride, scale, BLOCK: tl.constexpr, NEGATE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs * stride, mask=offs < n)
+    y = x * scale
+    if NEGATE:
+        y = -y
+    tl.store(Y + offs, y, mask=offs < n)
+
+
+@pytest.mark.gpu
+def test_remembered_kernel_matches_triton_across_signatures():
+    """Every variation a compiled kernel depends on, each launched twice (the second through the fast path),
+    interleaved so that a wrongly re-used binary would show."""
+    launch = FastLaunch(_scaled_copy)
+    assert launch.enabled
+    base = torch.randn(4096 + 64, device="cuda")
+    cases = []
+    for offset in (0, 1, 4):  # aligned, misaligned, aligned again
+        for n in (1, 17, 4096):
+            for stride in (1, 2):
+                for negate in (False, True):
+                    cases.append((offset, n, stride, negate))
+    for _ in range(2):
+        for offset, n, stride, negate in cases:
+            x = base[offset:]
+            y = torch.full((n,), float("nan"), device="cuda")
+            launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n, stride, 1.5, BLOCK=128, NEGATE=negate)
+            want = 1.5 * x[: n * stride : stride]
+            torch.testing.assert_close(y, -want if negate else want, rtol=0, atol=0)
+    assert 1 < len(launch.cache) <= len(cases)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 256})], key=["n"])
+@triton.jit
+def _tuned_copy(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+
+@pytest.mark.gpu
+def test_autotuned_kernel_keeps_its_config_per_key():
+    """The grid comes from the config the autotuner chose for that key, on every fast launch."""
+    launch = FastLaunch(_tuned_copy)
+    for _ in range(3):
+        for n in (100, 5000, 70000):
+            x = torch.randn(n, device="cuda")
+            y = torch.full_like(x, float("nan"))
+            launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n)
+            torch.testing.assert_close(y, x + 1.0, rtol=0, atol=0)
+    assert len(launch.cache) == 3
+    for (_, sig, _), (_, meta, _, _) in launch.cache.items():
+        assert meta["BLOCK"] == _tuned_copy.cache[(sig[-1], "torch.float32", "torch.float32")].kwargs["BLOCK"]
