@@ -3,11 +3,11 @@
 Every `kernel[grid](*args)` call of a `@triton.jit` function binds the arguments, computes their
 specialization (dtypes, 16-byte alignment, integer ranges), hashes a cache key, checks the globals the
 kernel read, and an `@triton.autotune` wrapper first builds its own tuning key from a dict of every
-argument. Measured on the H100 machine's host (Triton 3.6, `.exp`-free numbers in
-bench/results/fp8_launch_overhead.json): an autotuned FP8 quantizer launch took ~50 us of host time, the
-same kernel through the bare JIT ~30 us, its compiled launcher alone ~9 us. The FP8 layers launch nine
-kernels per linear layer forward and backward, so at the mini model's sizes the step waited on Python,
-not on the GPU.
+argument. Measured on the H100 machine's host (Triton 3.6, one process): an autotuned FP8 quantizer
+launch took 26 us of host time, the same kernel through the bare JIT 18 us, its compiled launcher alone
+8 us (bench/results/launch_overhead.json compares whole layers with and without this). The FP8 layers
+launch nine kernels per linear layer forward and backward, so at the mini model's sizes the step waits
+on Python, not on the GPU.
 
 `FastLaunch(kernel)` wraps a jitted or autotuned kernel. A call with a *signature* it has not seen goes
 through Triton as usual (tuning and compiling as needed) and remembers the compiled kernel and the config
@@ -24,7 +24,8 @@ re-used where Triton itself would pick the same binary:
 * anything else (None, floats, bools): its value or type.
 
 Where that cannot hold the fast path is off and every call goes through Triton: under TRITON_INTERPRET=1
-(no compiled kernels), and for autotuners with `reset_to_zero`/`restore_value` hooks. Configs with a
+(no compiled kernels), and for autotuners with `reset_to_zero`/`restore_value` hooks. MOETRON_FAST_LAUNCH=0
+turns it off everywhere (`FastLaunch.on`, read on every call; bench/launch_overhead.py flips it to compare). Configs with a
 `pre_hook` (the FP8 GEMM sets its descriptors' block shapes in one) have it run before every fast launch,
 as Triton runs it. The grid callable gets the keyword constexprs and the chosen config's
 meta-parameters (the launchers here read only BLOCK sizes from it), not the positional arguments.
@@ -83,6 +84,8 @@ class FastLaunch:
     remembering the compiled kernel per signature (module docstring). `kernel` is a `@triton.jit` function,
     optionally under one `@triton.autotune`. Returns nothing."""
 
+    on = os.environ.get("MOETRON_FAST_LAUNCH", "1") != "0"  # the switch for every instance
+
     def __init__(self, kernel):
         self.kernel = kernel
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
@@ -100,7 +103,7 @@ class FastLaunch:
         self.key_positions = tuple(i for i, p in enumerate(self.jit.params) if p.is_constexpr or p.name in tuned)
 
     def __call__(self, grid, *args, **constexprs) -> None:
-        if not self.enabled:
+        if not (self.enabled and FastLaunch.on):
             self.kernel[grid](*args, **constexprs)
             return
         device = driver.active.get_current_device()

@@ -45,7 +45,7 @@ def test_remembered_kernel_matches_triton_across_signatures():
     interleaved so that a wrongly re-used binary would show."""
     launch = FastLaunch(_scaled_copy)
     assert launch.enabled
-    base = torch.randn(4096 + 64, device="cuda")
+    base = torch.randn(2 * 4096 + 64, device="cuda")
     cases = []
     for offset in (0, 1, 4):  # aligned, misaligned, aligned again
         for n in (1, 17, 4096):
@@ -56,7 +56,7 @@ def test_remembered_kernel_matches_triton_across_signatures():
         for offset, n, stride, negate in cases:
             x = base[offset:]
             y = torch.full((n,), float("nan"), device="cuda")
-            launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n, stride, 1.5, BLOCK=128, NEGATE=negate)
+            launch(lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),), x, y, n, stride, 1.5, BLOCK=128, NEGATE=negate)
             want = 1.5 * x[: n * stride : stride]
             torch.testing.assert_close(y, -want if negate else want, rtol=0, atol=0)
     assert 1 < len(launch.cache) <= len(cases)
@@ -77,7 +77,7 @@ def test_autotuned_kernel_keeps_its_config_per_key():
         for n in (100, 5000, 70000):
             x = torch.randn(n, device="cuda")
             y = torch.full_like(x, float("nan"))
-            launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n)
+            launch(lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),), x, y, n)
             torch.testing.assert_close(y, x + 1.0, rtol=0, atol=0)
     assert len(launch.cache) == 3
     for (_, sig, _), (_, meta, _, _) in launch.cache.items():
