@@ -15,9 +15,10 @@ Granularities (the 128 is SCALE_BLOCK):
 * their transpose 128x1, `quantize_1x128_t`: quantizes x^T along the token axis, fused with the transpose
   (the weight-gradient GEMM reduces over tokens);
 * both at once, `quantize_1x128_dual`: the two above from one read of x (K % 128 == 0), byte-equal to
-  calling them separately. Not used by the layers yet: on the H100 it measured slower than the two
-  separate kernels (413 us against 137 + 163 us at 16384 x 7168 bf16; its 128 x 128 fp32 tile per
-  program needs tuning);
+  calling them separately. The FP8 layers use it for inputs up to 6 * 2^20 elements, where it is the
+  faster (one launch; 33 against 43 us at 4096 x 1536 on the H100); above, the two kernels are (293
+  against 406 us at 16384 x 7168 bf16: its 128 x 128 tile per program runs far below the memory
+  bandwidth, bench/results/fp8_dual_quantizer_sweep.json);
 * weights 128x128: one scale per block, `quantize_128x128`;
 * a weight and its transpose, `quantize_128x128_dual` (also per expert for (E, N, K) weights): the
   transpose of a 128x128-quantized matrix is the 128x128 quantization of the transpose (each block keeps its

@@ -58,6 +58,7 @@ from moetron.kernels.fp8 import (
     fp8_grouped_gemm,
     fp8_grouped_gemm_wgrad,
     quantize_1x128,
+    quantize_1x128_dual,
     quantize_1x128_t,
     quantize_128x128,
     quantize_128x128_dual,
@@ -80,10 +81,18 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t if t.shape[1] == cols else F.pad(t, (0, cols - t.shape[1]))
 
 
+# Largest t (elements) whose two 1x128 forms come from the one-read dual quantizer rather than two kernels:
+# on the H100 the dual measured faster up to 4096 x 1536 (33 against 43 us) and slower from 8192 x 1536 on
+# (59 against 53; 406 against 293 at 16384 x 7168), bench/results/fp8_dual_quantizer_sweep.json.
+DUAL_QUANT_MAX_ELEMENTS = 6 * 2**20
+
+
 def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: bool, backend):
     """(q, s, qt, st): quantize_1x128(t) if `rows`, quantize_1x128_t(t) if `transposed` (None where not
-    asked). Two passes over t: the fused `quantize_1x128_dual` (one read) measured slower on the H100
-    (413 us against 137 + 163 us at 16384 x 7168 bf16), so it is not used until it is tuned."""
+    asked). Both from the dual quantizer (same bytes, one launch, one read of t) when t is small enough for
+    it to be the faster (DUAL_QUANT_MAX_ELEMENTS), else from the two kernels."""
+    if rows and transposed and t.numel() <= DUAL_QUANT_MAX_ELEMENTS:
+        return quantize_1x128_dual(t, pow2_scales=pow2_scales, backend=backend)
     q = s = qt = st = None
     if rows:
         q, s = quantize_1x128(t, pow2_scales=pow2_scales, backend=backend)

@@ -273,26 +273,45 @@ def spy_quantizers(monkeypatch):
     import moetron.kernels.fp8_linear as fl
 
     calls = []
-    for name in ("quantize_1x128", "quantize_1x128_t", "quantize_128x128", "quantize_128x128_dual"):
+    for name in (
+        "quantize_1x128",
+        "quantize_1x128_t",
+        "quantize_1x128_dual",
+        "quantize_128x128",
+        "quantize_128x128_dual",
+    ):
         real = getattr(fl, name)
         monkeypatch.setattr(fl, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     return calls
 
 
+def activation_forms(rows: bool, transposed: bool, dual: bool) -> list[str]:
+    """The quantizer calls that make an activation's 1x128 forms: both from the dual one when small enough."""
+    if rows and transposed and dual:
+        return ["quantize_1x128_dual"]
+    return ["quantize_1x128"] * rows + ["quantize_1x128_t"] * transposed
+
+
+@pytest.mark.parametrize("dual", [True, False], ids=["small", "large"])
 @pytest.mark.parametrize("weight_grad", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, input_grad):
+def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, input_grad, dual):
     """x's and dY's transposed forms are made only when the weight needs a gradient, dY's rows only when x
-    does; the weight is quantized once per step, in the forward, with its transpose only when x needs a
-    gradient (the backward reuses it)."""
+    does, both in one dual call for inputs up to DUAL_QUANT_MAX_ELEMENTS (set to 0: never); the weight is
+    quantized once per step, in the forward, with its transpose only when x needs a gradient (the backward
+    reuses it)."""
+    import moetron.kernels.fp8_linear as fl
+
     if not (weight_grad or input_grad):
         pytest.skip("nothing to differentiate")
+    if not dual:
+        monkeypatch.setattr(fl, "DUAL_QUANT_MAX_ELEMENTS", 0)
     calls = spy_quantizers(monkeypatch)
     _, fp8 = pair(256, 144, bias=False)
     fp8.weight.requires_grad_(weight_grad)
     weight_form = "quantize_128x128_dual" if input_grad else "quantize_128x128"
-    forward = ["quantize_1x128"] + ["quantize_1x128_t"] * weight_grad + [weight_form]
-    backward = ["quantize_1x128"] * input_grad + ["quantize_1x128_t"] * weight_grad
+    forward = activation_forms(True, weight_grad, dual) + [weight_form]
+    backward = activation_forms(input_grad, weight_grad, dual)
     x = torch.randn(70, 256).requires_grad_(input_grad)
     fp8(x).backward(torch.randn(70, 144))
     assert calls == forward + backward
@@ -324,3 +343,26 @@ def test_fp8_linear_triton_matches_reference_gpu(lead, in_features, out_features
         results[backend] = (y, xb.grad, fp8.weight.grad.clone())
     for got, want in zip(results[None], results["torch"]):
         assert rel_err(got, want) < 4 * BF16_U
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_dual_quantizer_gives_the_same_bits_gpu(monkeypatch, dtype):
+    """Small inputs take the one-launch dual quantizer; the output and both gradients are bit for bit
+    those of the two separate quantizers (DUAL_QUANT_MAX_ELEMENTS = 0)."""
+    import moetron.kernels.fp8_linear as fl
+
+    fp8 = fl.FP8Linear(512, 384, bias=False, device="cuda", dtype=dtype)
+    x = torch.randn(1000, 512, device="cuda", dtype=dtype)
+    dy = torch.randn(1000, 384, device="cuda", dtype=dtype)
+    assert x.numel() <= fl.DUAL_QUANT_MAX_ELEMENTS
+    results = []
+    for limit in (fl.DUAL_QUANT_MAX_ELEMENTS, 0):
+        monkeypatch.setattr(fl, "DUAL_QUANT_MAX_ELEMENTS", limit)
+        xb = x.clone().requires_grad_()
+        fp8.zero_grad()
+        y = fp8(xb)
+        y.backward(dy)
+        results.append((y, xb.grad, fp8.weight.grad.clone()))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
