@@ -19,7 +19,7 @@ re-used where Triton itself would pick the same binary:
 * tensors: dtype and whether the address is 16-byte aligned;
 * integers: whether the value is 1, whether it is a multiple of 16, and which of i32 / i64 / u64 holds it;
   the values themselves for the autotuner's key arguments (and for every keyword argument: the
-  constexprs);
+  constexprs), and the autotuner's config list itself (a test that pins one config gets that config);
 * TMA descriptors: the same of their base tensor, shape and strides, plus block shape, layout and padding;
 * anything else (None, floats, bools): its value or type.
 
@@ -107,12 +107,15 @@ class FastLaunch:
             self.kernel[grid](*args, **constexprs)
             return
         device = driver.active.get_current_device()
-        key = (device, signature(args, self.key_positions), tuple(constexprs.items()))
+        # the autotuner's config list in use: replacing it (tests pin one config) must not re-use the kernel of
+        # another; each entry keeps its list alive, so the id cannot come back for a different list
+        configs = self.autotuner.configs if self.autotuner else None
+        key = (device, id(configs), signature(args, self.key_positions), tuple(constexprs.items()))
         entry = self.cache.get(key)
         if entry is None:
-            self.cache[key] = self._first_launch(grid, args, constexprs)
+            self.cache[key] = (*self._first_launch(grid, args, constexprs), configs)
             return
-        compiled, meta, tail, pre_hook = entry
+        compiled, meta, tail, pre_hook, _ = entry
         if pre_hook is not None:
             pre_hook({**dict(zip(self.names, args)), **meta})
         grid = grid(meta) if callable(grid) else grid

@@ -80,5 +80,22 @@ def test_autotuned_kernel_keeps_its_config_per_key():
             launch(lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),), x, y, n)
             torch.testing.assert_close(y, x + 1.0, rtol=0, atol=0)
     assert len(launch.cache) == 3
-    for (_, sig, _), (_, meta, _, _) in launch.cache.items():
+    for (_, _, sig, _), (_, meta, _, _, _) in launch.cache.items():
         assert meta["BLOCK"] == _tuned_copy.cache[(sig[-1], "torch.float32", "torch.float32")].kwargs["BLOCK"]
+
+
+@pytest.mark.gpu
+def test_pinned_config_is_the_one_launched(monkeypatch):
+    """Tests pin one autotuner config at a time by replacing the config list: each pin launches its own config,
+    not the kernel remembered for an earlier list with the same signature."""
+    launch = FastLaunch(_tuned_copy)
+    n = 1000
+    x = torch.randn(n, device="cuda")
+    for block in (32, 256, 32):
+        monkeypatch.setattr(_tuned_copy, "configs", [triton.Config({"BLOCK": block})])
+        for _ in range(2):
+            y = torch.full_like(x, float("nan"))
+            launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n)
+            torch.testing.assert_close(y, x + 1.0, rtol=0, atol=0)
+        (entry,) = [e for k, e in launch.cache.items() if k[1] == id(_tuned_copy.configs)]
+        assert entry[1]["BLOCK"] == block
