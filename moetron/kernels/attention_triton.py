@@ -107,13 +107,15 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
+    dkdv_grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)  # noqa: E731
+    dq_grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _launch_dkdv(
-        lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv), q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
+        dkdv_grid, q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_kv, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip
     _launch_dq(
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads), q2, k2, v2, do2, lse2, delta, dq, cu_q, cu_k, *strides,
+        dq_grid, q2, k2, v2, do2, lse2, delta, dq, cu_q, cu_k, *strides,
         dq.stride(0), dq.stride(1),
         n_heads, n_heads // n_kv, scale, window or 0, **common,
     )  # fmt: skip

@@ -242,19 +242,7 @@ def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     if m and k:
         grid = (m_pad // SCALE_BLOCK, k // SCALE_BLOCK)
         _launch_dual(
-            grid,
-            x,
-            q,
-            s,
-            qt,
-            st,
-            m,
-            k,
-            x.stride(0),
-            q.stride(0),
-            s.stride(0),
-            qt.stride(0),
-            *st.stride(),
+            grid, x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(),
             POW2=pow2_scales,
-        )
+        )  # fmt: skip
     return q, s, qt, st

@@ -5,7 +5,7 @@ specialization (dtypes, 16-byte alignment, integer ranges), hashes a cache key, 
 kernel read, and an `@triton.autotune` wrapper first builds its own tuning key from a dict of every
 argument. Measured on the H100 machine's host (Triton 3.6, one process): an autotuned FP8 quantizer
 launch took 26 us of host time, the same kernel through the bare JIT 18 us, its compiled launcher alone
-8 us (bench/results/launch_overhead.json compares whole layers with and without this). The FP8 layers
+8 us (bench/fp8_step.py compares whole layers and the model step with and without this). The FP8 layers
 launch nine kernels per linear layer forward and backward, so at the mini model's sizes the step waits
 on Python, not on the GPU.
 
@@ -24,11 +24,12 @@ re-used where Triton itself would pick the same binary:
 * anything else (None, floats, bools): its value or type.
 
 Where that cannot hold the fast path is off and every call goes through Triton: under TRITON_INTERPRET=1
-(no compiled kernels), and for autotuners with `reset_to_zero`/`restore_value` hooks. MOETRON_FAST_LAUNCH=0
-turns it off everywhere (`FastLaunch.on`, read on every call; bench/launch_overhead.py flips it to compare). Configs with a
-`pre_hook` (the FP8 GEMM sets its descriptors' block shapes in one) have it run before every fast launch,
-as Triton runs it. The grid callable gets the keyword constexprs and the chosen config's
-meta-parameters (the launchers here read only BLOCK sizes from it), not the positional arguments.
+(no compiled kernels), and for autotuners with `reset_to_zero`/`restore_value` hooks.
+MOETRON_FAST_LAUNCH=0 turns it off everywhere (`FastLaunch.on`, read on every call; bench/fp8_step.py flips
+it to compare). Configs with a `pre_hook` (the FP8 GEMM sets its descriptors' block shapes in one) have it
+run before every fast launch, as Triton runs it. The grid callable gets the keyword constexprs and the
+chosen config's meta-parameters (the launchers here read only BLOCK sizes from it), not the positional
+arguments.
 """
 
 from __future__ import annotations
