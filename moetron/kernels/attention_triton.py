@@ -24,12 +24,15 @@ from moetron.kernels.attention_triton_kernels import (
     LOG2E,
     _bwd_dkdv_kernel,
     _bwd_dq_kernel,
+    _bwd_preprocess_kernel,
     _fwd_kernel,
 )
 from moetron.kernels.launch import FastLaunch
 
 # Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
-_launch_fwd, _launch_dkdv, _launch_dq = map(FastLaunch, (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel))
+_launch_fwd, _launch_dkdv, _launch_dq, _launch_pre = map(
+    FastLaunch, (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel)
+)
 
 
 def _layout(q, k, cu_seqlens, max_seqlen):
@@ -84,6 +87,24 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
 
 
+def _preprocess(do2, o2, lse):
+    """(delta, lse2), each (heads, tokens) fp32: rowsum(dO * O), and the logsumexp in log2 units with +inf for
+    rows that saw no key (so that their P is 0); one kernel reading dO and O once (_bwd_preprocess_kernel).
+    do2, o2: (tokens, heads, d_v)."""
+    n_tokens, n_heads, d_v = o2.shape
+    delta = torch.empty(n_heads, n_tokens, device=o2.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    if n_tokens:
+        block_dv = triton.next_power_of_2(d_v)
+        block_t = max(16, 4096 // block_dv)  # 4096 elements of each operand per program
+        _launch_pre(
+            (n_heads, triton.cdiv(n_tokens, block_t)), do2, o2, lse, delta, lse2, n_tokens,
+            do2.stride(0), do2.stride(1), o2.stride(0), o2.stride(1), lse.stride(0), delta.stride(0),
+            D_V=d_v, BLOCK_DV=block_dv, BLOCK_T=block_t, num_warps=4,
+        )  # fmt: skip
+    return delta, lse2
+
+
 def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, window):
     batch, seq_q, n_heads, d_qk = q.shape
     n_kv, d_v = k.shape[2], v.shape[3]
@@ -91,9 +112,7 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     n_seqs = cu_q.numel() - 1
     q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
     triton.set_allocator(_scratch)
-    delta = (do2.float() * o2.float()).sum(-1).transpose(0, 1).contiguous()  # (heads, tokens): rowsum(dO * O)
-    # The logsumexp in log2 units; rows that saw no key get +inf, so that their P is 0.
-    lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (heads, tokens)
+    delta, lse2 = _preprocess(do2, o2, lse)
     if attention_gluon_bwd is not None and attention_gluon_bwd.supported(q, k, v, window):
         return attention_gluon_bwd.gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, window)
     dq = torch.empty_like(q2)

@@ -5,7 +5,7 @@ The launchers, the autograd.Function and the entry point are in moetron/kernels/
 Never materializes the (seq_q x seq_k) scores. The forward walks the key blocks of one query block
 with an online softmax (running max m, running sum l, rescaled accumulator; exp2 with log2(e) folded
 into the scale) and saves the logsumexp. The backward recomputes the probabilities from it:
-  delta_i = rowsum(dO_i * O_i)                                     (preprocessing)
+  delta_i = rowsum(dO_i * O_i)               (preprocessing: one kernel, which also rescales the lse)
   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), dK = scale * dS^T Q, dQ = scale * dS K
 in two kernels with no atomics, so gradients are bit-identical run to run: one per key block
 accumulating dK and dV over every query head of its GQA group, one per query block accumulating dQ.
@@ -240,6 +240,29 @@ def _fwd_kernel(
     od = _head(Out, h, stride_oh, stride_ot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
     _store(od, q_start + m0, out.to(Out.dtype.element_ty), stride_ot, q_end, D_V, BLOCK_M, BLOCK_DV, TMA)
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    DO, Out, LSE, DELTA, LSE2, n_tokens, stride_dot, stride_doh, stride_ot, stride_oh, stride_l, stride_out,
+    D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """The backward's per-row inputs, for BLOCK_T tokens of head h, in one read of dO and O:
+    delta[h, t] = sum_d dO[t, h, d] O[t, h, d] (fp32) and lse2[h, t] = lse[h, t] log2(e), +inf where
+    lse = -inf (rows that saw no key: their P recomputes to 0). DO, Out (tokens, heads, D_V); LSE, DELTA,
+    LSE2 (heads, tokens) fp32. Heads vary fastest over the grid, so neighbouring programs read neighbouring
+    bytes of the (tokens, heads, dim) tensors."""
+    h = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_DV)
+    in_seq = t < n_tokens
+    mask = in_seq[:, None] & (d < D_V)[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    do = tl.load(DO + t64 * stride_dot + h * stride_doh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Out + t64 * stride_ot + h * stride_oh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * stride_out + t, tl.sum(do * o, 1), mask=in_seq)
+    lse = tl.load(LSE + h * stride_l + t, mask=in_seq, other=0.0)
+    tl.store(LSE2 + h * stride_out + t, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=in_seq)
 
 
 @triton.jit

@@ -9,16 +9,19 @@ Format: float8_e4m3fn (3 mantissa bits, largest finite 448). Every scale is fp32
 x ~= q * scale. A block's scale is amax / 448 (amax clamped below at AMAX_EPS so that an all-zero
 block does not divide by zero); with `pow2_scales=True` it is rounded up to a power of two
 (DeepSeek's UE8M0 scales): then q = x / scale is exact up to fp8 rounding, and rescaling is exact.
+The quantized value is q = e4m3(x * r) with r = 1 / scale (r and the product each rounded as IEEE fp32,
+then clamped to +-448): one division per block instead of one per element. That differs from rounding
+x / scale by at most one fp32 ulp before the e4m3 rounding (2^-24 against e4m3's 2^-4; exact with
+power-of-two scales), and it is what the kernels compute, byte for byte.
 
 Granularities (the 128 is SCALE_BLOCK):
 * activations 1x128: one scale per row and 128 consecutive columns, `quantize_1x128`;
 * their transpose 128x1, `quantize_1x128_t`: quantizes x^T along the token axis, fused with the transpose
   (the weight-gradient GEMM reduces over tokens);
 * both at once, `quantize_1x128_dual`: the two above from one read of x (K % 128 == 0), byte-equal to
-  calling them separately. The FP8 layers use it for inputs up to 6 * 2^20 elements, where it is the
-  faster (one launch; 33 against 43 us at 4096 x 1536 on the H100); above, the two kernels are (293
-  against 406 us at 16384 x 7168 bf16: its 128 x 128 tile per program runs far below the memory
-  bandwidth, bench/results/fp8_dual_quantizer_sweep.json);
+  calling them separately. The FP8 layers use it whenever they need both forms: one launch, and faster
+  than the two kernels at every size measured on the H100 (23 against 27 us at 4096 x 1536, 215 against
+  271 us at 16384 x 7168 bf16; bench/results/fp8_quant_reciprocal.json);
 * weights 128x128: one scale per block, `quantize_128x128`;
 * a weight and its transpose, `quantize_128x128_dual` (also per expert for (E, N, K) weights): the
   transpose of a 128x128-quantized matrix is the 128x128 quantization of the transpose (each block keeps its
@@ -197,8 +200,10 @@ def ceil_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale rounded to e4m3 (nearest even). The clamp only guards amax / scale rounding a hair above 448."""
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """x * (1 / scale) rounded to e4m3 (nearest even), the reciprocal an IEEE division (as the kernels take it,
+    once per block). The clamp only guards amax * (1 / scale) rounding a hair above 448."""
+    inverse = torch.ones_like(scale) / scale  # (a tensor numerator: see _scale_from_amax)
+    return (x * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _quantize_rows(xf: torch.Tensor, pow2_scales: bool):

@@ -81,17 +81,12 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t if t.shape[1] == cols else F.pad(t, (0, cols - t.shape[1]))
 
 
-# Largest t (elements) whose two 1x128 forms come from the one-read dual quantizer rather than two kernels:
-# on the H100 the dual measured faster up to 4096 x 1536 (33 against 43 us) and slower from 8192 x 1536 on
-# (59 against 53; 406 against 293 at 16384 x 7168), bench/results/fp8_dual_quantizer_sweep.json.
-DUAL_QUANT_MAX_ELEMENTS = 6 * 2**20
-
-
 def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: bool, backend):
     """(q, s, qt, st): quantize_1x128(t) if `rows`, quantize_1x128_t(t) if `transposed` (None where not
-    asked). Both from the dual quantizer (same bytes, one launch, one read of t) when t is small enough for
-    it to be the faster (DUAL_QUANT_MAX_ELEMENTS), else from the two kernels."""
-    if rows and transposed and t.numel() <= DUAL_QUANT_MAX_ELEMENTS:
+    asked). When both are asked, from the dual quantizer: the same bytes from one launch and one read of t,
+    faster than the two kernels at every size measured on the H100 (23 against 27 us at 4096 x 1536, 215
+    against 271 us at 16384 x 7168: bench/results/fp8_quant_reciprocal.json)."""
+    if rows and transposed:
         return quantize_1x128_dual(t, pow2_scales=pow2_scales, backend=backend)
     q = s = qt = st = None
     if rows:

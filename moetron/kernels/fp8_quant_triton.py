@@ -4,10 +4,12 @@ and their launchers.
 The semantics, argument checks and torch references are in moetron/kernels/fp8.py; the launchers here
 assume checked arguments. The block-scaled GEMMs are in moetron/kernels/fp8_gemm_triton.py.
 
-The quantizers are memory bound: each program loads a tile in fp32, takes the block amax, divides by the
-scale with IEEE division (`div_rn`: Triton's `/` is the approximate `div.full.f32`, and the GPU tests demand
-bytes equal to torch's) and casts with round-to-nearest-even, saturating (values are clamped to +-448
-first, as in the reference). The transposing quantizer loads (128 tokens, BLOCK features) and stores the
+The quantizers are memory bound: each program loads a tile in fp32, takes the block amax, takes the
+reciprocal of each block's scale with one IEEE division (`div_rn`: Triton's `/` is the approximate
+`div.full.f32`, and the GPU tests demand bytes equal to torch's), multiplies every element by it and casts
+with round-to-nearest-even, saturating (values are clamped to +-448 first, as in the reference). A division
+per element instead (an IEEE division is a dozen instructions) made the dual quantizer compute-bound:
+bench/results/fp8_quant_reciprocal.json. The transposing quantizer loads (128 tokens, BLOCK features) and stores the
 transposed tile, so both its reads and its writes stay coalesced. The dual quantizer loads a (128 tokens,
 128 features) tile once and writes both: the 1x128 row tiles (amax over the 128 features of each token) and
 the transposed 128x1 tiles (amax over the 128 tokens of each feature), with the same helpers, so its bytes
@@ -46,8 +48,10 @@ def _block_scale(amax, POW2: tl.constexpr):
 
 @triton.jit
 def _to_e4m3(x, scale):
-    """x / scale (IEEE division, as torch's) rounded to nearest-even e4m3."""
-    q = tl.math.div_rn(x, scale)
+    """x * (1 / scale) rounded to nearest-even e4m3; the reciprocal an IEEE division (as torch's), made once
+    per scale (the caller's scale is per block, broadcast against x)."""
+    inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    q = x * inverse
     return tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
 
 

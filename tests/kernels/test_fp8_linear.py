@@ -285,33 +285,27 @@ def spy_quantizers(monkeypatch):
     return calls
 
 
-def activation_forms(rows: bool, transposed: bool, dual: bool) -> list[str]:
-    """The quantizer calls that make an activation's 1x128 forms: both from the dual one when small enough."""
-    if rows and transposed and dual:
+def activation_forms(rows: bool, transposed: bool) -> list[str]:
+    """The quantizer calls that make an activation's 1x128 forms: both from the dual one when both are needed."""
+    if rows and transposed:
         return ["quantize_1x128_dual"]
     return ["quantize_1x128"] * rows + ["quantize_1x128_t"] * transposed
 
 
-@pytest.mark.parametrize("dual", [True, False], ids=["small", "large"])
 @pytest.mark.parametrize("weight_grad", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, input_grad, dual):
+def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, input_grad):
     """x's and dY's transposed forms are made only when the weight needs a gradient, dY's rows only when x
-    does, both in one dual call for inputs up to DUAL_QUANT_MAX_ELEMENTS (set to 0: never); the weight is
-    quantized once per step, in the forward, with its transpose only when x needs a gradient (the backward
-    reuses it)."""
-    import moetron.kernels.fp8_linear as fl
-
+    does, both in one dual call when both are needed; the weight is quantized once per step, in the forward,
+    with its transpose only when x needs a gradient (the backward reuses it)."""
     if not (weight_grad or input_grad):
         pytest.skip("nothing to differentiate")
-    if not dual:
-        monkeypatch.setattr(fl, "DUAL_QUANT_MAX_ELEMENTS", 0)
     calls = spy_quantizers(monkeypatch)
     _, fp8 = pair(256, 144, bias=False)
     fp8.weight.requires_grad_(weight_grad)
     weight_form = "quantize_128x128_dual" if input_grad else "quantize_128x128"
-    forward = activation_forms(True, weight_grad, dual) + [weight_form]
-    backward = activation_forms(input_grad, weight_grad, dual)
+    forward = activation_forms(True, weight_grad) + [weight_form]
+    backward = activation_forms(input_grad, weight_grad)
     x = torch.randn(70, 256).requires_grad_(input_grad)
     fp8(x).backward(torch.randn(70, 144))
     assert calls == forward + backward
@@ -348,17 +342,20 @@ def test_fp8_linear_triton_matches_reference_gpu(lead, in_features, out_features
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_linear_dual_quantizer_gives_the_same_bits_gpu(monkeypatch, dtype):
-    """Small inputs take the one-launch dual quantizer; the output and both gradients are bit for bit
-    those of the two separate quantizers (DUAL_QUANT_MAX_ELEMENTS = 0)."""
+    """FP8Linear takes both 1x128 forms of x and dY from the one-launch dual quantizer; the output and both
+    gradients are bit for bit those of the two separate quantizers (patched in for the dual one)."""
     import moetron.kernels.fp8_linear as fl
+
+    def separate(t, **kw):
+        return (*fl.quantize_1x128(t, **kw), *fl.quantize_1x128_t(t, **kw))
 
     fp8 = fl.FP8Linear(512, 384, bias=False, device="cuda", dtype=dtype)
     x = torch.randn(1000, 512, device="cuda", dtype=dtype)
     dy = torch.randn(1000, 384, device="cuda", dtype=dtype)
-    assert x.numel() <= fl.DUAL_QUANT_MAX_ELEMENTS
     results = []
-    for limit in (fl.DUAL_QUANT_MAX_ELEMENTS, 0):
-        monkeypatch.setattr(fl, "DUAL_QUANT_MAX_ELEMENTS", limit)
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(fl, "quantize_1x128_dual", separate)
         xb = x.clone().requires_grad_()
         fp8.zero_grad()
         y = fp8(xb)
