@@ -87,21 +87,27 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
     return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
 
 
+def preprocess_args(do2, o2, lse, delta, lse2):
+    """(grid, args, constexprs) of _bwd_preprocess_kernel (also used by the CPU compile check): do2, o2
+    (tokens, heads, d_v); lse, delta, lse2 (heads, tokens) fp32."""
+    n_tokens, n_heads, d_v = o2.shape
+    block_dv = triton.next_power_of_2(d_v)
+    block_t = max(16, 4096 // block_dv)  # 4096 elements of each operand per program
+    grid = (n_heads, triton.cdiv(n_tokens, block_t))
+    args = (do2, o2, lse, delta, lse2, n_tokens, do2.stride(0), do2.stride(1), o2.stride(0), o2.stride(1),
+            lse.stride(0), delta.stride(0))  # fmt: skip
+    return grid, args, dict(D_V=d_v, BLOCK_DV=block_dv, BLOCK_T=block_t, num_warps=4)
+
+
 def _preprocess(do2, o2, lse):
     """(delta, lse2), each (heads, tokens) fp32: rowsum(dO * O), and the logsumexp in log2 units with +inf for
     rows that saw no key (so that their P is 0); one kernel reading dO and O once (_bwd_preprocess_kernel).
     do2, o2: (tokens, heads, d_v)."""
-    n_tokens, n_heads, d_v = o2.shape
-    delta = torch.empty(n_heads, n_tokens, device=o2.device, dtype=torch.float32)
+    delta = torch.empty(o2.shape[1], o2.shape[0], device=o2.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
-    if n_tokens:
-        block_dv = triton.next_power_of_2(d_v)
-        block_t = max(16, 4096 // block_dv)  # 4096 elements of each operand per program
-        _launch_pre(
-            (n_heads, triton.cdiv(n_tokens, block_t)), do2, o2, lse, delta, lse2, n_tokens,
-            do2.stride(0), do2.stride(1), o2.stride(0), o2.stride(1), lse.stride(0), delta.stride(0),
-            D_V=d_v, BLOCK_DV=block_dv, BLOCK_T=block_t, num_warps=4,
-        )  # fmt: skip
+    if o2.shape[0]:
+        grid, args, constexprs = preprocess_args(do2, o2, lse, delta, lse2)
+        _launch_pre(grid, *args, **constexprs)
     return delta, lse2
 
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # (kernels may read module globals only as constexprs; the interpreter does not check)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -262,7 +263,7 @@ def _bwd_preprocess_kernel(
     o = tl.load(Out + t64 * stride_ot + h * stride_oh + d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + h * stride_out + t, tl.sum(do * o, 1), mask=in_seq)
     lse = tl.load(LSE + h * stride_l + t, mask=in_seq, other=0.0)
-    tl.store(LSE2 + h * stride_out + t, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=in_seq)
+    tl.store(LSE2 + h * stride_out + t, tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E), mask=in_seq)
 
 
 @triton.jit

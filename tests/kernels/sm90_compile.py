@@ -1,8 +1,11 @@
-"""Compile a Gluon kernel for Hopper (sm_90a) on a CPU-only machine, as `kernel[grid](...)` would on an H100.
+"""Compile a Gluon or Triton kernel for Hopper (sm_90a) on a CPU-only machine, as `kernel[grid](...)` would
+on an H100.
 
 Gluon kernels cannot run under TRITON_INTERPRET=1, so the CPU suite checks what it can without a GPU:
 that they compile, through Triton's own ptxas, without spilling registers and within the H100's 227 KB
-of shared memory. Their results are checked by the GPU tests.
+of shared memory. Their results are checked by the GPU tests. Triton kernels run under the interpreter,
+which accepts some code the compiler rejects (a kernel reading a non-constexpr module global): compiling
+them here catches that on the CPU.
 """
 
 import os
@@ -18,8 +21,8 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100 program may use
 def compile_for_hopper(kernel, args, constexprs):
     """The compiled kernel (asm, metadata) for these launch arguments, built for sm_90a."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", 90, 32)
@@ -27,7 +30,8 @@ def compile_for_hopper(kernel, args, constexprs):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **constexprs)
     options, signature, consts, attrs = kernel._pack_args(backend, constexprs, bound, specialization, options)
-    return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=target, options=options.__dict__)
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    return triton.compile(source(kernel, signature, consts, attrs), target=target, options=options.__dict__)
 
 
 def spill_bytes(compiled, tmp_path) -> list[int]:

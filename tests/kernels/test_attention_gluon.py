@@ -13,6 +13,22 @@ attention_gluon = pytest.importorskip("moetron.kernels.attention_gluon")
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
+@pytest.mark.parametrize("d_v", [64, 128, 96])
+def test_backward_preprocess_compiles_for_hopper(d_v):
+    """The Triton kernel of the backward's delta / lse2 (shared by the Triton and Gluon backwards) compiles
+    for the GPU: the interpreter, which runs it in the CPU tests, accepts code the compiler rejects."""
+    from moetron.kernels import attention_triton
+    from moetron.kernels.attention_triton_kernels import _bwd_preprocess_kernel
+
+    do2 = torch.empty(1000, 8, d_v, dtype=torch.bfloat16)
+    lse, delta, lse2 = torch.empty(8, 1000), torch.empty(8, 1000), torch.empty(8, 1000)
+    grid, args, constexprs = attention_triton.preprocess_args(do2, torch.empty_like(do2), lse, delta, lse2)
+    assert grid == (8, triton.cdiv(1000, constexprs["BLOCK_T"]))
+    compiled = compile_for_hopper(_bwd_preprocess_kernel, args, constexprs)
+    assert "ld.global" in compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize(
     "d_qk,d_v,causal,window,dtype",
     [
