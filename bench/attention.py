@@ -1,8 +1,10 @@
 """Attention throughput on one GPU: moetron's kernels vs torch SDPA (FlashAttention-2 and cuDNN
 backends), forward and forward+backward, in TFLOP/s, side by side in one run.
 
-FLOPs: forward 4 * batch * heads * seq_q * seq_k * (d_qk + d_v) / 2 (two matmuls), halved when causal;
-backward 2.5x forward (five matmuls, the FlashAttention papers' convention). Writes JSON with the
+Every implementation is timed --rounds times (default 3), the implementations alternating within a
+round, and the median reported (each timing: triton.testing.do_bench, 25 ms warm-up, 100 ms of calls);
+the rounds are kept in the JSON. FLOPs: forward 4 * batch * heads * seq_q * seq_k * (d_qk + d_v) / 2
+(two matmuls), halved when causal; backward 2.5x forward (five matmuls, the FlashAttention papers' convention). Writes JSON with the
 command, git sha, device and versions.
 
 Columns: `moetron_triton` is flash_attention(backend="triton") as dispatched (on an H100 the forward of
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,6 +99,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--git-sha", default="unknown")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per implementation, alternated; the median")
     args = parser.parse_args()
     rows = []
     for batch, heads, seq, d_qk, d_v in SHAPES:
@@ -124,14 +128,21 @@ def main():
                 impls[name] = sdpa
             for mode in ("fwd", "fwd_bwd"):
                 row = {"shape": [batch, heads, seq, d_qk, d_v], "causal": causal, "mode": mode}
-                for name, fn in impls.items():
-                    try:
-                        with gluon_off(name):
-                            ms = timed(fn, mode)
-                        row[name] = round(flops(batch, heads, seq, d_qk, d_v, causal, mode) / ms / 1e9, 1)
-                    except Exception as e:  # a backend that does not take this shape
-                        row[name] = None
-                        row[f"{name}_error"] = str(e).splitlines()[0][:160]
+                work = flops(batch, heads, seq, d_qk, d_v, causal, mode)
+                rates = {name: [] for name in impls}
+                for _ in range(args.rounds):  # the implementations alternate, so drift hits them alike
+                    for name, fn in impls.items():
+                        if f"{name}_error" in row:
+                            continue
+                        try:
+                            with gluon_off(name):
+                                rates[name].append(round(work / timed(fn, mode) / 1e9, 1))
+                        except Exception as e:  # a backend that does not take this shape
+                            row[f"{name}_error"] = str(e).splitlines()[0][:160]
+                for name, values in rates.items():
+                    row[name] = statistics.median(values) if values else None
+                    if len(values) > 1:
+                        row[f"{name}_rounds"] = values
                 row["moetron_configs"] = chosen_configs(mode, q, v, causal)
                 for peer in ("sdpa_flash", "sdpa_cudnn", "triton_kernel"):
                     if row.get(peer) and row.get("moetron_triton"):
