@@ -9,8 +9,8 @@ reciprocal of each block's scale with one IEEE division (`div_rn`: Triton's `/` 
 `div.full.f32`, and the GPU tests demand bytes equal to torch's), multiplies every element by it and casts
 with round-to-nearest-even, saturating (values are clamped to +-448 first, as in the reference). A division
 per element instead (an IEEE division is a dozen instructions) made the dual quantizer compute-bound:
-bench/results/fp8_quant_reciprocal.json. The transposing quantizer loads (128 tokens, BLOCK features) and stores the
-transposed tile, so both its reads and its writes stay coalesced. The dual quantizer loads a (128 tokens,
+bench/results/fp8_quant_reciprocal.json. The transposing quantizer loads (128 tokens, BLOCK features) and
+stores the transposed tile, so both its reads and its writes stay coalesced. The dual quantizer loads a (128 tokens,
 128 features) tile once and writes both: the 1x128 row tiles (amax over the 128 features of each token) and
 the transposed 128x1 tiles (amax over the 128 tokens of each feature), with the same helpers, so its bytes
 equal those of the two separate kernels.
