@@ -172,20 +172,20 @@ def _consumer(
         bs_ptr = BS + gl.minimum(seg, gl.maximum(E - 1, 0)) * stride_bse + (n0 // BLOCK_N) * stride_bs
         n_kb = gl.where((seg < E) | (E == 0), k_blocks, 0)  # (segment E: zeros)
         acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
-        sa_next = gl.load(as_ptrs, mask=row_ok, other=0.0)
-        sb_next = gl.load(bs_ptr)
+        sa = gl.load(as_ptrs, mask=row_ok, other=0.0)
+        sb = gl.load(bs_ptr)
         for kb in range(n_kb):
-            sa, sb = sa_next, sb_next
-            following = gl.minimum(kb + 1, n_kb - 1)  # prefetch block kb + 1's scales (the last re-reads)
-            sa_next = gl.load(as_ptrs + following, mask=row_ok, other=0.0)
-            sb_next = gl.load(bs_ptr + following)
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_ring.index(s * PARTS + WG)  # (64, 128) e4m3, this warpgroup's rows
             partial = warpgroup_mma(a, b_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+            scale = sa * sb
+            following = gl.minimum(kb + 1, n_kb - 1)  # prefetch block kb + 1's scales (the last re-reads)
+            sa = gl.load(as_ptrs + following, mask=row_ok, other=0.0)
+            sb = gl.load(bs_ptr + following)
             partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))  # (64, 128) fp32, one K block
             mbarrier.arrive(empty.index(s))  # this warpgroup is done reading stage s
-            acc += partial * (sa * sb)[:, None]  # promotion on the CUDA cores
+            acc += partial * scale[:, None]  # promotion on the CUDA cores
             it += 1
         if TMA_STORE:
             # A TMA store clips only at the tensor's end: it serves the rows when all 64 are ours or ours run
