@@ -13,15 +13,31 @@ cores take turns. Here each program is split into partitions that run concurrent
 
 * a loader (1 warp): TMA copies of the A and B tiles of every K block into a STAGES-deep ring of shared
   memory; `ready[s]` completes when stage s has landed, the loader waits on `empty[s]` before refilling it;
-* three consumer warpgroups (4 warps each), each owning 64 rows of the 192 x 128 output tile: wait for
-  `ready[s]`, one async wgmma of its rows of stage s into a fresh fp32 partial, wait for it, release the
-  stage (`empty[s]` completes after all three released it), promote the partial into its accumulator.
+* consumer warpgroups (4 warps each), each owning 64 rows of the output tile: wait for `ready[s]`, one async
+  wgmma of its rows of stage s into a fresh fp32 partial, wait for it, release the stage (`empty[s]`
+  completes after every consumer released it), promote the partial into its accumulator.
 
-The three warpgroups drift apart, so one's promotion overlaps another's MMA, and the loader runs STAGES
-blocks ahead. The scales of block kb + 1 are loaded into registers during block kb (their global-memory
-latency hides behind a whole iteration). 16-bit outputs leave through shared memory and a TMA store (it
-clips rows past M and columns past N; its completion is awaited only before the next tile's store);
-fp32 outputs (3 x 32 KB of staging would not fit next to the ring) with masked stores.
+Two tile shapes (`TILES`), picked per problem by `choose_tiles`:
+
+* narrow, 192 x 128: three consumers, each 64 x 128 (a 64-register accumulator and a 64-register
+  partial). The three drift apart, so one's promotion overlaps another's MMA.
+* wide, 128 x 256: two consumers, each 64 x 256 as two 128-column halves, one b-scale block each: wgmma
+  of half 0, wait, promote it, wgmma of half 1 into the same partial registers, wait, promote
+  (two accumulators and one partial: 192 registers of 240). The other consumer's MMAs fill the tensor
+  cores during each promotion.
+
+Why two: on the H100 these GEMMs run near the L2 cache's bandwidth (Nsight Compute: L2-to-SM traffic
+78-82% of peak for this kernel and for cuBLAS's rowwise FP8 GEMM alike), so bytes loaded per FLOP
+decide the speed. A K block of a 192 x 128 tile loads 320 rows of A and B for 24576 outputs; of a
+128 x 256 tile, 384 rows for 32768, 10% fewer bytes per output. The wide tile measured 1-13% faster
+on large problems (bench/results/fp8_wide_tile_experiment.json); on small ones its larger tiles leave
+SMs idle in the last wave, and the narrow one wins.
+
+The scales of block kb + 1 are loaded into registers while block kb's wgmma runs, after the last use of
+block kb's (so no register copy waits on the load before the next wgmma). 16-bit outputs leave through
+shared memory and a TMA store (it clips rows past M and columns past N; its completion is awaited only
+before the staging buffer is written again); fp32 outputs (the staging would not fit next to the ring)
+with masked stores.
 
 The kernel is persistent: one program per SM walks output tiles p, p + P, ..., and the ring position runs
 on across tiles, so the loader fetches the next tile's first K blocks while the consumers finish this one
@@ -32,12 +48,14 @@ Grouped (E >= 1 experts): the output rows are cut into segments, the E groups an
 group_ends[-1] (zeros), each into ceil(rows / 192) row tiles. Every partition counts them on the device
 from group_ends (no host sync) and finds its tile's segment; a dense GEMM is the case E = 0, one segment.
 A tile's 64-row slices that run past their group's end (into the next group's rows) store through masked
-stores, the others through TMA.
+stores, the others through TMA. Rows past a group's end and B rows past N (the next expert's, or TMA's
+zeros) are multiplied but never stored.
 
 Measured on the H100 (bench/results/fp8_gluon_variants_experiment.json and
 fp8_grouped_gluon_experiment.json): 192 x 128 tiles with three consumer warpgroups beat 128 x 128 with two
-(less L2 -> shared-memory traffic per FLOP) except on small or 128-aligned problems, and 128 x 256 tiles
-(whose two partials spill registers); the persistent grid beats one program per tile, most at short K.
+(less L2 -> shared-memory traffic per FLOP) except on small or 128-aligned problems, and a 128 x 256 tile
+with two partials in flight (which spilled registers); the persistent grid beats one program per tile,
+most at short K.
 
 GPU only: Gluon has no interpreter mode; the Triton kernel serves TRITON_INTERPRET=1 and other GPUs.
 tests/kernels/test_fp8_gluon.py compiles this kernel for sm_90a on the CPU (Triton ships ptxas).
@@ -46,6 +64,7 @@ tests/kernels/test_fp8_gluon.py compiles this kernel for sm_90a on the CPU (Trit
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -64,14 +83,35 @@ from moetron.kernels.fp8_gemm_triton import _sm_count
 from moetron.kernels.launch import FastLaunch
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
-CONSUMERS = 3  # consumer warpgroups: BLOCK_M = 192
-BLOCK_M = WG_ROWS * CONSUMERS
-BLOCK_N = 128  # one weight scale block wide: one scalar b-scale per tile and K block
+BLOCK_N = 128  # one weight scale block: one scalar b-scale per (half) tile and K block
 BLOCK_K = 128  # one scale block: one wgmma group per promotion
-STAGES = 4  # 4 x (3 x 8 + 16) KB ring + 3 x 16 KB output staging = 208 KB of shared memory
+STAGES = 4  # ring depth: narrow 4 x 40 KB + 3 x 16 KB staging = 208 KB; wide 4 x 48 + 2 x 16 = 224 KB
 GROUP_M = 8
-CONSUMER_REGS = 160  # per thread: 64 accumulator + 64 partial + addresses; 168 left for the default partition
 LOADER_REGS = 24
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One tile shape of the kernel: `consumers` warpgroups of 64 rows, `halves` 128-column halves each;
+    `consumer_regs` per thread (the default partition gets what is left of 512 - LOADER_REGS); `speed`,
+    measured throughput relative to narrow on large problems, for choose_tiles."""
+
+    consumers: int
+    halves: int
+    consumer_regs: int
+    speed: float
+
+    @property
+    def block_m(self) -> int:
+        return WG_ROWS * self.consumers
+
+    @property
+    def block_n(self) -> int:
+        return BLOCK_N * self.halves
+
+
+# narrow: per thread 64 accumulator + 64 partial + addresses; wide: 2 x 64 accumulators + 64 partial + addresses
+TILES = {"narrow": Tiles(3, 1, 160, 1.0), "wide": Tiles(2, 2, 240, 1.07)}
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
@@ -117,27 +157,32 @@ def _locate(tile, starts, ends, tiles, first_tile, N, BLOCK_M: gl.constexpr, BLO
 def _loader(a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):  # fmt: skip
     """Producer partition, over this program's tiles: stage s of K block kb holds the tile's A rows
-    [m0, m0 + BLOCK_M) as 64-row boxes and B rows [b_row0, b_row0 + 128); TMA zero-fills what lies past the
-    tensors. The ring position `it` runs on across tiles, so the next tile's blocks load during this one's
-    last MMAs and its epilogue."""
+    [m0, m0 + BLOCK_M) as 64-row boxes and its B rows [b_row0, b_row0 + TILE_N) as 128-row boxes; TMA
+    zero-fills what lies past the tensors. The ring position `it` runs on across tiles, so the next tile's
+    blocks load during this one's last MMAs and its epilogue."""
     WG_ROWS: gl.constexpr = a_desc.block_type.shape[0]
-    PARTS: gl.constexpr = a_ring.shape[0] // STAGES
+    PARTS: gl.constexpr = a_ring.shape[0] // STAGES  # consumers
+    HALVES: gl.constexpr = b_ring.shape[0] // STAGES
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * WG_ROWS, BLOCK_E)
     it = 0
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, BLOCK_N), gl.num_programs(0)):
-        seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * WG_ROWS, BLOCK_N, GROUP_M)
+    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
+        seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * WG_ROWS,
+                                       HALVES * BLOCK_N, GROUP_M)  # fmt: skip
         b_row0 = seg * N + n0  # B is (E * N, K): expert seg's rows start at seg * N
         for kb in range(gl.where((seg < E) | (E == 0), k_blocks, 0)):  # (segment E: zeros, no loads)
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
-            mbarrier.expect(ready.index(s), PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(s), PARTS * a_desc.block_type.nbytes + HALVES * b_desc.block_type.nbytes)
             for j in gl.static_range(PARTS):
                 tma.async_copy_global_to_shared(
                     a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j)
                 )
-            tma.async_copy_global_to_shared(b_desc, [b_row0, kb * BLOCK_K], ready.index(s), b_ring.index(s))
+            for h in gl.static_range(HALVES):
+                tma.async_copy_global_to_shared(
+                    b_desc, [b_row0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h)
+                )
             it += 1
 
 
@@ -148,8 +193,10 @@ def _consumer(
     TMA_STORE: gl.constexpr,
 ):  # fmt: skip
     """Consumer partition WG, over this program's tiles: rows [m0 + 64 WG, m0 + 64 WG + 64) of each, all of its
-    128 columns. Rows from the segment's end on are computed (from whatever A holds there) but never stored."""
+    columns (one or two 128-column halves). Rows from the segment's end on are computed (from whatever A
+    holds there) but never stored."""
     PARTS: gl.constexpr = a_ring.shape[0] // STAGES
+    HALVES: gl.constexpr = b_ring.shape[0] // STAGES
     ROWS: gl.constexpr = a_ring.shape[1]
     BLOCK_N: gl.constexpr = b_ring.shape[1]
     # wgmma accumulator layout of a 64 x 128 fp32 tile over one warpgroup (fp8: k = 32 per instruction)
@@ -157,14 +204,16 @@ def _consumer(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
     )
     zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)  # (not read: use_acc=False)
+    c_smem = c_desc  # (unused without TMA_STORE)
     if TMA_STORE:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     _, _, tiles, _ = _segments(GE, E, M, PARTS * ROWS, BLOCK_E)
     it = 0
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, BLOCK_N), gl.num_programs(0)):
+    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
         # (the segments again, from L2: kept across the K loop they would spill the accumulator's registers)
         starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * ROWS, BLOCK_E)
-        seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * ROWS, BLOCK_N, GROUP_M)
+        seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * ROWS, HALVES * BLOCK_N,
+                                       GROUP_M)  # fmt: skip
         row0 = m0 + WG * ROWS
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))  # (64,)
         row_ok = rows < row_end
@@ -174,35 +223,63 @@ def _consumer(
         acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
         sa = gl.load(as_ptrs, mask=row_ok, other=0.0)
         sb = gl.load(bs_ptr)
+        if HALVES == 2:  # half 1's b-scales: the next 128 rows of B (half 0's again where half 1 lies past N)
+            bs_ptr1 = bs_ptr + gl.where(n0 + BLOCK_N < N, stride_bs, 0)
+            acc1 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+            sb1 = gl.load(bs_ptr1)
         for kb in range(n_kb):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_ring.index(s * PARTS + WG)  # (64, 128) e4m3, this warpgroup's rows
-            partial = warpgroup_mma(a, b_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+            partial = warpgroup_mma(a, b_ring.index(s * HALVES).permute((1, 0)), zero, use_acc=False, is_async=True)
+            # While it runs: block kb's scale products, then block kb + 1's scales (the last block re-reads).
             scale = sa * sb
-            following = gl.minimum(kb + 1, n_kb - 1)  # prefetch block kb + 1's scales (the last re-reads)
+            if HALVES == 2:
+                scale1 = sa * sb1
+            following = gl.minimum(kb + 1, n_kb - 1)
             sa = gl.load(as_ptrs + following, mask=row_ok, other=0.0)
             sb = gl.load(bs_ptr + following)
+            if HALVES == 2:
+                sb1 = gl.load(bs_ptr1 + following)
             partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))  # (64, 128) fp32, one K block
-            mbarrier.arrive(empty.index(s))  # this warpgroup is done reading stage s
-            acc += partial * scale[:, None]  # promotion on the CUDA cores
+            if HALVES == 2:
+                acc += partial * scale[:, None]  # promotion on the CUDA cores
+                # half 1 into the same registers (passing the spent partial as the accumulator ties them)
+                partial = warpgroup_mma(a, b_ring.index(2 * s + 1).permute((1, 0)), partial, use_acc=False,
+                                        is_async=True)  # fmt: skip
+                partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))
+                mbarrier.arrive(empty.index(s))  # this warpgroup is done reading stage s
+                acc1 += partial * scale1[:, None]
+            else:
+                mbarrier.arrive(empty.index(s))
+                acc += partial * scale[:, None]
             it += 1
-        if TMA_STORE:
-            # A TMA store clips only at the tensor's end: it serves the rows when all 64 are ours or ours run
-            # to M; the others (into the next group's rows) leave through masked stores. (Triton 3.6 fails to
-            # compile a store inside a branch here, so the masked store runs always, masked off after TMA.)
-            whole = (row0 + ROWS <= row_end) | (row_end == M)
-            if whole:
-                tma.store_wait(pendings=0)  # the previous tile's store has read c_smem ...
-                gl.thread_barrier()  # ... and every thread of the warpgroup knows it
-                c_smem.store(acc.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [row0, n0], c_smem)  # clipped at M, N
-            _masked_store(acc, C, rows, row_ok & ~whole, n0, N, stride_cm)
-        else:
-            _masked_store(acc, C, rows, row_ok, n0, N, stride_cm)
+        _store(acc, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0, M, N, stride_cm, TMA_STORE)
+        if HALVES == 2:
+            _store(acc1, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0 + BLOCK_N, M, N, stride_cm, TMA_STORE)
     if TMA_STORE:
         tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _store(acc, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0, M, N, stride_cm, TMA_STORE: gl.constexpr):
+    """acc (64, 128) fp32 -> C[rows, n0:n0 + 128] in C's dtype: the rows row_ok, the columns < N.
+
+    With TMA_STORE, a TMA store from c_smem: it clips only at the tensor's end, so it serves the rows when all
+    64 are ours or ours run to M; the others (into the next group's rows) leave through masked stores.
+    (Triton 3.6 fails to compile a store inside a branch here, so the masked store runs always, masked off
+    after TMA.)"""
+    if TMA_STORE:
+        whole = (row0 + acc.shape[0] <= row_end) | (row_end == M)
+        if whole:
+            tma.store_wait(pendings=0)  # the previous store has read c_smem ...
+            gl.thread_barrier()  # ... and every thread of the warpgroup knows it
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [row0, n0], c_smem)  # clipped at M, N
+        _masked_store(acc, C, rows, row_ok & ~whole, n0, N, stride_cm)
+    else:
+        _masked_store(acc, C, rows, row_ok, n0, N, stride_cm)
 
 
 @gluon.jit
@@ -217,36 +294,48 @@ def _masked_store(acc, C, rows, row_ok, n0, N, stride_cm):
 def _fp8_gemm_ws_kernel(
     a_desc, b_desc, c_desc, C, AS, BS, GE, M, N, K, E, stride_cm, stride_as, stride_bse, stride_bs,
     BLOCK_E: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    CONSUMERS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x 128 each) of C = A @ B^T
-    (E = 0) or of the grouped product (E >= 1: rows of group e times b[e]^T, B viewed as (E * N, K)). A tile's
-    rows past its group's end (the next group's, or zeros past M) and B rows past N (the next expert's) are
-    multiplied but never stored. Partitions: three consumer warpgroups (the default partition is the first)
-    and a loader warp sharing a STAGES-deep shared-memory ring of A and B tiles."""
-    CONSUMERS: gl.constexpr = 3  # the three partitions below
+    """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
+    C = A @ B^T (E = 0) or of the grouped product (E >= 1: rows of group e times b[e]^T, B viewed as
+    (E * N, K)). Partitions: CONSUMERS consumer warpgroups (the default partition is the first) and a loader
+    warp sharing a STAGES-deep shared-memory ring of A and B tiles."""
     k_blocks = gl.cdiv(K, a_desc.block_type.shape[1])
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS] + a_desc.block_type.shape, a_desc.layout)
-    b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES * HALVES] + b_desc.block_type.shape, b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)  # the loader's expect; completes when the bytes have landed
         mbarrier.init(empty.index(s), count=CONSUMERS)  # one arrival per consumer warpgroup
-    gl.warp_specialize(
-        [
-            (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                         stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-            (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                         stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-            (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                         stride_as, stride_bse, stride_bs, 2, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-            (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
-                       BLOCK_E)),
-        ],
-        [4, 4, 1],
-        [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-    )  # fmt: skip
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
+                             stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
+                             stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
+                             stride_as, stride_bse, stride_bs, 2, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
+                (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
+                           BLOCK_E)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
+                             stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
+                             stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
+                (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
+                           BLOCK_E)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
 
 
 @functools.cache
@@ -258,21 +347,37 @@ def _desc(t: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, _smem_layout(tuple(block), dtype))
 
 
-def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None):
+def choose_tiles(m: int, n: int, n_groups: int, programs: int) -> Tiles:
+    """The tile shape (TILES) with the shorter estimated time: a persistent program runs
+    ceil(tiles / programs) tiles one after another, each costing its area over the shape's measured speed.
+    Large problems take the wide tiles (fewer bytes per output); where the wide tiles would leave a last wave
+    mostly idle (few tiles, or N just past a multiple of 256), the narrow ones. Grouped: counted with the
+    worst case of one part tile per group."""
+
+    def time(t: Tiles) -> float:
+        count = (triton.cdiv(m, t.block_m) + n_groups) * triton.cdiv(n, t.block_n)
+        return triton.cdiv(count, programs) * t.block_m * t.block_n / t.speed
+
+    return min(TILES.values(), key=time)
+
+
+def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None):
     """(grid, args, constexprs) of _fp8_gemm_ws_kernel; checked operands: a (M, K) e4m3, and b (N, K) e4m3 with
     b_scale (ceil(N/128), K/128), or grouped (group_ends (E,) int32 or int64, E >= 1) b (E, N, K) contiguous
     with b_scale (E, ceil(N/128), K/128); 16-byte aligned bases and row strides, K % 128 == 0, a_scale
     (M, K/128), the scales with unit K-block strides; c (M, N) bf16, fp16 or fp32 with a unit column stride.
-    The grid: `programs` (one per SM), never more than the worst-case tile count (every group may end in a
-    part tile)."""
+    `tiles`: a Tiles of TILES, else choose_tiles picks, for outputs that leave through the TMA store (the
+    wide tiles' masked stores spill registers: fp32 and unaligned outputs take the narrow ones). The grid:
+    `programs` (one per SM), never more than the worst-case tile count (every group may end in a part tile)."""
     (m, k), n = a.shape, b.shape[-2]
     n_groups = 0 if group_ends is None else b.shape[0]
+    tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
+    tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store else TILES["narrow"])
     a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
     b_desc = _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv)
-    tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
     c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
-    tiles = (triton.cdiv(m, BLOCK_M) + n_groups) * triton.cdiv(n, BLOCK_N)
-    grid = (min(tiles, programs),)
+    count = (triton.cdiv(m, tiles.block_m) + n_groups) * triton.cdiv(n, tiles.block_n)
+    grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
     args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(0),
@@ -282,7 +387,9 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None):
         STAGES=STAGES,
         GROUP_M=GROUP_M,
         TMA_STORE=tma_store,
-        CONSUMER_REGS=CONSUMER_REGS,
+        CONSUMERS=tiles.consumers,
+        HALVES=tiles.halves,
+        CONSUMER_REGS=tiles.consumer_regs,
         LOADER_REGS=LOADER_REGS,
         num_warps=4,
     )
@@ -306,4 +413,4 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends=None):
     return c
 
 
-__all__ = ["fp8_gemm_gluon", "kernel_args"]
+__all__ = ["TILES", "Tiles", "choose_tiles", "fp8_gemm_gluon", "kernel_args"]

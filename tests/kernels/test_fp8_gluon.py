@@ -16,41 +16,64 @@ from sm90_compile import PTXAS, SMEM_LIMIT, compile_for_hopper, spill_bytes
 gluon_kernel = pytest.importorskip("moetron.kernels.fp8_gemm_gluon")
 
 
+# (tile shape, output dtype): fp32 outputs always take the narrow tiles (kernel_args)
+SHAPES = [("narrow", torch.bfloat16), ("narrow", torch.float32), ("wide", torch.bfloat16)]
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_gluon_gemm_compiles_for_hopper(tmp_path, out_dtype):
+@pytest.mark.parametrize("tiles,out_dtype", SHAPES)
+def test_gluon_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
     m, n, k = 1000, 1536, 2048
     a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     b = torch.empty(n, k, dtype=torch.float8_e4m3fn)
     a_scale, b_scale = torch.empty(m, k // 128), torch.empty(triton.cdiv(n, 128), k // 128)
     c = torch.empty(m, n, dtype=out_dtype)
-    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)
-    assert grid == (min(triton.cdiv(m, 192) * triton.cdiv(n, 128), 132),)  # persistent: at most one per SM
+    t = gluon_kernel.TILES[tiles]
+    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, tiles=t)
+    assert grid == (min(triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), 132),)  # at most one per SM
     assert constexprs["TMA_STORE"] == (out_dtype == torch.bfloat16)  # fp32 staging would not fit
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
-    assert compiled.metadata.num_warps == 16  # 3 consumer warpgroups + the loader warp padded to a warpgroup
+    # the consumer warpgroups + the loader warp padded to a warpgroup
+    assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, out_dtype):
+@pytest.mark.parametrize("tiles,out_dtype", SHAPES)
+def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
     m, n, k, n_experts = 3000, 1000, 1024, 8
     a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     b = torch.empty(n_experts, n, k, dtype=torch.float8_e4m3fn)
     a_scale, b_scale = torch.empty(m, k // 128), torch.empty(n_experts, triton.cdiv(n, 128), k // 128)
     group_ends = torch.empty(n_experts, dtype=torch.int32)
     c = torch.empty(m, n, dtype=out_dtype)
-    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, group_ends)
-    assert grid == (132,)  # persistent: one program per H100 SM (the worst case has more tiles)
+    t = gluon_kernel.TILES[tiles]
+    grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, group_ends, tiles=t)
+    assert grid == (min((triton.cdiv(m, t.block_m) + n_experts) * triton.cdiv(n, t.block_n), 132),)
     assert constexprs["BLOCK_E"] == 16  # the groups and the rows past the last one
     b_small = b[:, :128].contiguous()
     small = gluon_kernel.kernel_args(a[:100], a_scale[:100], b_small, b_scale[:, :1], c[:100, :128], 132, group_ends)
     assert small[0] == ((1 + n_experts) * 1,)  # never more programs than the worst-case tile count
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
-    assert compiled.metadata.num_warps == 16
+    assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
     assert compiled.metadata.shared <= SMEM_LIMIT
-    # The segment vectors (E + 1 groups) and the tile loop cost the consumers a few registers past their 160:
-    # ptxas spills ~70 bytes (measured at Triton 3.6, E = 8; the GPU benchmark includes them). Guard the size.
+    # The segment vectors (E + 1 groups) and the tile loop cost the consumers a few registers past their budget:
+    # ptxas spills under 100 bytes (measured at Triton 3.6, E = 8; the GPU benchmark includes them). Guard it.
     assert max(spill_bytes(compiled, tmp_path)) <= 128
+
+
+def test_choose_tiles():
+    """Wide tiles for large problems; narrow where the wide ones would leave the last wave mostly idle (few
+    tiles, N just past a multiple of 256); narrow for outputs without the TMA store (fp32)."""
+    choose = gluon_kernel.choose_tiles
+    for m, n, n_groups in [(4096, 4096, 0), (8192, 8192, 0), (16384, 2048, 0), (16384, 7168, 0), (16384, 7168, 32)]:
+        assert choose(m, n, n_groups, 132) is gluon_kernel.TILES["wide"], (m, n, n_groups)
+    for m, n, n_groups in [(1000, 1536, 0), (4173, 2176, 0), (700, 200, 0)]:
+        assert choose(m, n, n_groups, 132) is gluon_kernel.TILES["narrow"], (m, n, n_groups)
+    m, n, k = 8192, 8192, 256
+    a, b = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    a_scale, b_scale = torch.empty(m, k // 128), torch.empty(n // 128, k // 128)
+    for out_dtype, consumers in [(torch.bfloat16, 2), (torch.float32, 3)]:
+        c = torch.empty(m, n, dtype=out_dtype)
+        assert gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)[2]["CONSUMERS"] == consumers
