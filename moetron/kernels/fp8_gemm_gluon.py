@@ -188,9 +188,9 @@ def _loader(a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks,
 
 @gluon.jit
 def _consumer(
-    a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm, stride_as, stride_ask,
-    stride_bse, stride_bs, stride_bsk, WG: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-    BLOCK_E: gl.constexpr, TMA_STORE: gl.constexpr, B_ROWS: gl.constexpr,
+    a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm, stride_as, stride_bse,
+    stride_bs, WG: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
+    TMA_STORE: gl.constexpr,
 ):  # fmt: skip
     """Consumer partition WG, over this program's tiles: rows [m0 + 64 WG, m0 + 64 WG + 64) of each, all of its
     columns (one or two 128-column halves). Rows from the segment's end on are computed (from whatever A
@@ -217,64 +217,42 @@ def _consumer(
         row0 = m0 + WG * ROWS
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))  # (64,)
         row_ok = rows < row_end
-        as_ptrs = AS + rows * stride_as  # (64,) this K block's a-scales: as_ptrs + kb * stride_ask
+        as_ptrs = AS + rows * stride_as  # (64,) this K block's a-scales: as_ptrs + kb
+        bs_ptr = BS + gl.minimum(seg, gl.maximum(E - 1, 0)) * stride_bse + (n0 // BLOCK_N) * stride_bs
         n_kb = gl.where((seg < E) | (E == 0), k_blocks, 0)  # (segment E: zeros)
         acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
-        if HALVES == 2:
-            acc1 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
         sa = gl.load(as_ptrs, mask=row_ok, other=0.0)
-        if B_ROWS:  # one b-scale per B row (output column) and K block, unit row stride: C[:, n] *= bs[n, kb]
-            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-            bs_ptr = BS + n0 * stride_bs
-            bs_ptr1 = bs_ptr + gl.where(n0 + BLOCK_N < N, BLOCK_N, 0) * stride_bs  # (half 0's past N)
-        else:  # one b-scale per 128 x 128 block of B: a scalar per (half) tile and K block
-            bs_ptr = BS + gl.minimum(seg, gl.maximum(E - 1, 0)) * stride_bse + (n0 // BLOCK_N) * stride_bs
-            sb = gl.load(bs_ptr)
-            if HALVES == 2:  # half 1: the next 128 rows of B (half 0's again where half 1 lies past N)
-                bs_ptr1 = bs_ptr + gl.where(n0 + BLOCK_N < N, stride_bs, 0)
-                sb1 = gl.load(bs_ptr1)
+        sb = gl.load(bs_ptr)
+        if HALVES == 2:  # half 1's b-scales: the next 128 rows of B (half 0's again where half 1 lies past N)
+            bs_ptr1 = bs_ptr + gl.where(n0 + BLOCK_N < N, stride_bs, 0)
+            acc1 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+            sb1 = gl.load(bs_ptr1)
         for kb in range(n_kb):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_ring.index(s * PARTS + WG)  # (64, 128) e4m3, this warpgroup's rows
             partial = warpgroup_mma(a, b_ring.index(s * HALVES).permute((1, 0)), zero, use_acc=False, is_async=True)
-            # While it runs: block kb's scales (products), then block kb + 1's loads (the last block re-reads).
+            # While it runs: block kb's scale products, then block kb + 1's scales (the last block re-reads).
+            scale = sa * sb
+            if HALVES == 2:
+                scale1 = sa * sb1
             following = gl.minimum(kb + 1, n_kb - 1)
-            if B_ROWS:
-                sa_kb = sa
-                sb_kb = gl.load(bs_ptr + kb * stride_bsk + cols)  # (128,) this half's columns
-            else:
-                scale = sa * sb
-                if HALVES == 2:
-                    scale1 = sa * sb1
-                sb = gl.load(bs_ptr + following * stride_bsk)
-                if HALVES == 2:
-                    sb1 = gl.load(bs_ptr1 + following * stride_bsk)
-            sa = gl.load(as_ptrs + following * stride_ask, mask=row_ok, other=0.0)
+            sa = gl.load(as_ptrs + following, mask=row_ok, other=0.0)
+            sb = gl.load(bs_ptr + following)
+            if HALVES == 2:
+                sb1 = gl.load(bs_ptr1 + following)
             partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))  # (64, 128) fp32, one K block
             if HALVES == 2:
-                # promotion on the CUDA cores
-                if B_ROWS:
-                    acc += partial * (sa_kb[:, None] * sb_kb[None, :])
-                else:
-                    acc += partial * scale[:, None]
+                acc += partial * scale[:, None]  # promotion on the CUDA cores
                 # half 1 into the same registers (passing the spent partial as the accumulator ties them)
                 partial = warpgroup_mma(a, b_ring.index(2 * s + 1).permute((1, 0)), partial, use_acc=False,
                                         is_async=True)  # fmt: skip
-                if B_ROWS:
-                    sb_kb = gl.load(bs_ptr1 + kb * stride_bsk + cols)
                 partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))
                 mbarrier.arrive(empty.index(s))  # this warpgroup is done reading stage s
-                if B_ROWS:
-                    acc1 += partial * (sa_kb[:, None] * sb_kb[None, :])
-                else:
-                    acc1 += partial * scale1[:, None]
+                acc1 += partial * scale1[:, None]
             else:
                 mbarrier.arrive(empty.index(s))
-                if B_ROWS:
-                    acc += partial * (sa_kb[:, None] * sb_kb[None, :])
-                else:
-                    acc += partial * scale[:, None]
+                acc += partial * scale[:, None]
             it += 1
         _store(acc, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0, M, N, stride_cm, TMA_STORE)
         if HALVES == 2:
@@ -314,10 +292,9 @@ def _masked_store(acc, C, rows, row_ok, n0, N, stride_cm):
 
 @gluon.jit
 def _fp8_gemm_ws_kernel(
-    a_desc, b_desc, c_desc, C, AS, BS, GE, M, N, K, E, stride_cm, stride_as, stride_ask, stride_bse, stride_bs,
-    stride_bsk, BLOCK_E: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
-    B_ROWS: gl.constexpr, CONSUMERS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    LOADER_REGS: gl.constexpr,
+    a_desc, b_desc, c_desc, C, AS, BS, GE, M, N, K, E, stride_cm, stride_as, stride_bse, stride_bs,
+    BLOCK_E: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
+    CONSUMERS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
     """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
     C = A @ B^T (E = 0) or of the grouped product (E >= 1: rows of group e times b[e]^T, B viewed as
@@ -335,14 +312,11 @@ def _fp8_gemm_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                             stride_as, stride_ask, stride_bse, stride_bs, stride_bsk, 0, STAGES, GROUP_M, BLOCK_E,
-                             TMA_STORE, B_ROWS)),
+                             stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                             stride_as, stride_ask, stride_bse, stride_bs, stride_bsk, 1, STAGES, GROUP_M, BLOCK_E,
-                             TMA_STORE, B_ROWS)),
+                             stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                             stride_as, stride_ask, stride_bse, stride_bs, stride_bsk, 2, STAGES, GROUP_M, BLOCK_E,
-                             TMA_STORE, B_ROWS)),
+                             stride_as, stride_bse, stride_bs, 2, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
                            BLOCK_E)),
             ],
@@ -353,11 +327,9 @@ def _fp8_gemm_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                             stride_as, stride_ask, stride_bse, stride_bs, stride_bsk, 0, STAGES, GROUP_M, BLOCK_E,
-                             TMA_STORE, B_ROWS)),
+                             stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
-                             stride_as, stride_ask, stride_bse, stride_bs, stride_bsk, 1, STAGES, GROUP_M, BLOCK_E,
-                             TMA_STORE, B_ROWS)),
+                             stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
                            BLOCK_E)),
             ],
@@ -390,20 +362,16 @@ def choose_tiles(m: int, n: int, n_groups: int, programs: int) -> Tiles:
 
 
 def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None):
-    """(grid, args, constexprs) of _fp8_gemm_ws_kernel; checked operands: a (M, K) e4m3 with a_scale (M, K/128),
-    and b (N, K) e4m3 with b_scale (ceil(N/128), K/128) (weight blocks) or (N, K/128) with a unit stride
-    along N and N % 128 == 0 (1x128 tiles: the weight-gradient form), or grouped (group_ends (E,) int32 or
-    int64, E >= 1) b (E, N, K) contiguous with b_scale (E, ceil(N/128), K/128); 16-byte aligned bases and
-    row strides, K % 128 == 0; c (M, N) bf16, fp16 or fp32 with a unit column stride.
+    """(grid, args, constexprs) of _fp8_gemm_ws_kernel; checked operands: a (M, K) e4m3, and b (N, K) e4m3 with
+    b_scale (ceil(N/128), K/128), or grouped (group_ends (E,) int32 or int64, E >= 1) b (E, N, K) contiguous
+    with b_scale (E, ceil(N/128), K/128); 16-byte aligned bases and row strides, K % 128 == 0, a_scale
+    (M, K/128), the scales with unit K-block strides; c (M, N) bf16, fp16 or fp32 with a unit column stride.
     `tiles`: a Tiles of TILES, else choose_tiles picks, for outputs that leave through the TMA store (the
     wide tiles' masked stores spill registers: fp32 and unaligned outputs take the narrow ones). The grid:
     `programs` (one per SM), never more than the worst-case tile count (every group may end in a part tile)."""
     (m, k), n = a.shape, b.shape[-2]
     n_groups = 0 if group_ends is None else b.shape[0]
-    b_rows = n_groups == 0 and b_scale.shape[0] == n and n > 1  # 1x128 b-scales (N = 1: the forms agree)
     tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
-    if tiles is None and b_rows:  # (the narrow tiles spill the b-scale vectors' registers)
-        tiles = TILES["wide"]
     tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store else TILES["narrow"])
     a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
     b_desc = _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv)
@@ -412,14 +380,13 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
-    args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(-2),
-            a_scale.stride(-1), stride_bse, b_scale.stride(-2), b_scale.stride(-1))  # fmt: skip
+    args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(0),
+            stride_bse, b_scale.stride(-2))  # fmt: skip
     constexprs = dict(
         BLOCK_E=triton.next_power_of_2(n_groups + 1),
         STAGES=STAGES,
         GROUP_M=GROUP_M,
         TMA_STORE=tma_store,
-        B_ROWS=b_rows,
         CONSUMERS=tiles.consumers,
         HALVES=tiles.halves,
         CONSUMER_REGS=tiles.consumer_regs,

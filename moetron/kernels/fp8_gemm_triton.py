@@ -289,13 +289,6 @@ def _gluon_ok(c: torch.Tensor) -> bool:
     return c.stride(-1) == 1 and c.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _gluon_wgrad_ok(n: int, c: torch.Tensor) -> bool:
-    """Whether the Gluon kernel serves the 1x128 b-scale form (the weight gradient): N a multiple of 128 and a
-    16-bit output it can store by TMA (its wide tiles spill registers on the masked-store path)."""
-    tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
-    return n % SCALE_BLOCK == 0 and tma_store
-
-
 def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = None, gluon: bool | None = None, out=None):
     """`tma`, `gluon`: force the operand path / the Gluon kernel on or off (tests); None picks."""
     (m, k), n = a.shape, b.shape[0]
@@ -313,10 +306,6 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
         from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
         return fp8_gemm_gluon(a, *_rows(a_scale), b, *_rows(b_scale), c)  # (unit K-block strides of the scales)
-    if gluon and _gluon_wgrad_ok(n, c):  # 1x128 b-scales, read per K block along N: unit stride there
-        from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
-
-        return fp8_gemm_gluon(a, a_scale, b, b_scale if b_scale.stride(0) == 1 else b_scale.t().contiguous().t(), c)
     a_desc, b_desc = _descs(a, b, use_tma)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch_gemm(
