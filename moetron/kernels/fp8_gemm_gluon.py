@@ -93,8 +93,9 @@ LOADER_REGS = 24
 @dataclass(frozen=True)
 class Tiles:
     """One tile shape of the kernel: `consumers` warpgroups of 64 rows, `halves` 128-column halves each;
-    `consumer_regs` per thread (the default partition gets what is left of 512 - LOADER_REGS); `speed`,
-    measured throughput relative to narrow on large problems, for choose_tiles."""
+    `consumer_regs` per thread of each worker consumer (a program's warpgroups share 512 registers per
+    thread: the default partition, the first consumer, gets what the others and LOADER_REGS leave);
+    `speed`, throughput relative to narrow measured on large problems (1-13%), for choose_tiles."""
 
     consumers: int
     halves: int
