@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,14 +55,16 @@ GROUPED_SHAPES = [  # (experts, total rows, N, K, label)
     (32, 16384, 2048, 7168, "V3 gate/up"),
     (32, 16384, 7168, 2048, "V3 down"),
 ]
-LINEAR_SHAPES = [  # (tokens, in_features, out_features, label)
-    (16384, 7168, 2048, "V3 7168 -> 2048"),
-    (16384, 2048, 7168, "V3 2048 -> 7168"),
-    (8192, 8192, 8192, "square"),
+LINEAR_SHAPES = [  # (tokens, in_features, out_features, label, fp32 master weights under bf16 autocast)
+    (16384, 7168, 2048, "V3 7168 -> 2048", False),
+    (16384, 2048, 7168, "V3 2048 -> 7168", False),
+    (8192, 8192, 8192, "square", False),
+    (16384, 7168, 2048, "V3 7168 -> 2048", True),  # as `./run train` runs: fp32 parameters, bf16 autocast
+    (16384, 2048, 7168, "V3 2048 -> 7168", True),
 ]
 QUICK_GEMM = [(1024, 1024, 1024, "quick"), (2048, 1536, 2048, "quick")]
 QUICK_GROUPED = [(4, 2048, 512, 1024, "quick"), (8, 2048, 1024, 512, "quick")]
-QUICK_LINEAR = [(2048, 1024, 512, "quick")]
+QUICK_LINEAR = [(2048, 1024, 512, "quick", False), (2048, 1024, 512, "quick", True)]
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -321,19 +324,25 @@ def make_fp8_linear(in_features: int, out_features: int, device, dtype) -> nn.Mo
 
 
 def linear_rows(shapes, args, device) -> list[dict]:
-    return [_report(linear_row(tokens, d_in, d_out, label, args, device)) for tokens, d_in, d_out, label in shapes]
+    return [_report(linear_row(*shape, args, device)) for shape in shapes]
 
 
-def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
-    row = {"section": "linear", "shape": {"M": tokens, "N": d_out, "K": d_in}, "what": f"fwd+bwd, {label}"}
+def linear_row(tokens, d_in, d_out, label, master_fp32, args, device) -> dict:
+    """FP8Linear against nn.Linear, forward+backward of a bf16 input: with bf16 parameters, or (master_fp32)
+    with fp32 parameters under bf16 autocast, as the trainer runs (nn.Linear then casts its weight every call,
+    FP8Linear quantizes the fp32 weight and writes an fp32 weight gradient)."""
+    what = f"fwd+bwd, {label}" + (", fp32 weights, bf16 autocast" if master_fp32 else "")
+    row = {"section": "linear", "shape": {"M": tokens, "N": d_out, "K": d_in}, "what": what}
+    param_dtype = torch.float32 if master_fp32 else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
     grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16, generator=gen)
     torch.manual_seed(0)
-    bf16 = nn.Linear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16)
+    bf16 = nn.Linear(d_in, d_out, bias=False, device=device, dtype=param_dtype)
     layers: dict[str, nn.Module] = {"torch_bf16": bf16}
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=master_fp32)
     try:
-        fp8_layer = make_fp8_linear(d_in, d_out, device, torch.bfloat16)
+        fp8_layer = make_fp8_linear(d_in, d_out, device, param_dtype)
         with torch.no_grad():
             fp8_layer.weight.copy_(bf16.weight)
         layers["moetron_fp8"] = fp8_layer
@@ -344,7 +353,9 @@ def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
         def step():
             x.grad = None
             layer.weight.grad = None
-            layer(x).backward(grad)
+            with autocast():
+                y = layer(x)
+            y.backward(grad)
 
         return step
 
@@ -353,12 +364,14 @@ def linear_row(tokens, d_in, d_out, label, args, device) -> dict:
     if row.get("moetron_fp8") is not None:
         try:  # forward output and both gradients against the bf16 layer
             x.grad = bf16.weight.grad = None  # the timing loop left its last gradients
-            y_ref = bf16(x)
+            with autocast():
+                y_ref = bf16(x)
             y_ref.backward(grad)
             dx_ref, dw_ref = x.grad.clone(), bf16.weight.grad.clone()
             x.grad = None
             fp8_layer.weight.grad = None
-            y = fp8_layer(x)
+            with autocast():
+                y = fp8_layer(x)
             y.backward(grad)
             for what, got, ref in (("y", y, y_ref), ("dx", x.grad, dx_ref), ("dw", fp8_layer.weight.grad, dw_ref)):
                 got, ref = got.float(), ref.float()
