@@ -34,12 +34,11 @@ import functools
 import os
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv
 
 WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
 BLOCK_N = 128  # keys per block
@@ -436,7 +435,7 @@ def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal,
     d_qk, d_v = q2.shape[2], v2.shape[2]
     consumers = _consumers(d_qk, d_v, causal, window)
     q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
-    n_q_blocks = triton.cdiv(max_q, consumers * WG_ROWS)
+    n_q_blocks = cdiv(max_q, consumers * WG_ROWS)
     per_head = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # see _tile
     n_units = per_head * (cu_q.numel() - 1) * n_heads
     grid = (min(n_units, programs),)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.attention_gluon import _GL_DTYPES, gluon_enabled
 from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel, _dq_kernel
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv
 
 BLOCK = 2 * WG_ROWS  # key rows per dK/dV program, query rows per dQ program
 
@@ -82,7 +81,7 @@ def kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, layout, causal, scale, win
     )  # fmt: skip
     common = dict(D_QK=d_qk, D_V=d_v, SPLIT=split, CAUSAL=bool(causal), HAS_WINDOW=window is not None, num_warps=4)
     dkdv = (
-        (triton.cdiv(max_k, BLOCK), n_seqs * n_kv),
+        (cdiv(max_k, BLOCK), n_seqs * n_kv),
         (*kv_descs, dk2, dv2, lse2, delta, cu_q, cu_k, lse2.stride(0), dk2.stride(0), dv2.stride(0), n_kv, group,
          float(scale), int(window or 0)),
         dict(STAGES=cfg["KV_STAGES"], **common),
@@ -94,7 +93,7 @@ def kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, layout, causal, scale, win
         _desc(dq2, [WG_ROWS, da]), _desc(dq2, [WG_ROWS, db or da]),
     )  # fmt: skip
     dqk = (
-        (triton.cdiv(max_q, BLOCK), n_seqs * n_heads),
+        (cdiv(max_q, BLOCK), n_seqs * n_heads),
         (*q_descs, dq2, lse2, delta, cu_q, cu_k, lse2.stride(0), dq2.stride(0), n_heads, group, float(scale),
          int(window or 0)),
         dict(STAGES=cfg["Q_STAGES"], **common),

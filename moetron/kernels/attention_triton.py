@@ -27,7 +27,7 @@ from moetron.kernels.attention_triton_kernels import (
     _bwd_preprocess_kernel,
     _fwd_kernel,
 )
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
 
 # Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
 _launch_fwd, _launch_dkdv, _launch_dq, _launch_pre = map(
@@ -75,13 +75,13 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
             q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, n_heads // n_kv, causal, scale, window
         )
         return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _launch_fwd(
         grid, q2, k2, v2, out, lse, cu_q, cu_k,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         n_heads, n_heads // n_kv, scale * LOG2E, window or 0,
-        D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
+        D_QK=d_qk, D_V=d_v, BLOCK_DQK=next_power_of_2(d_qk), BLOCK_DV=next_power_of_2(d_v),
         CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
     )  # fmt: skip
     return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
@@ -91,9 +91,9 @@ def preprocess_args(do2, o2, lse, delta, lse2):
     """(grid, args, constexprs) of _bwd_preprocess_kernel (also used by the CPU compile check): do2, o2
     (tokens, heads, d_v); lse, delta, lse2 (heads, tokens) fp32."""
     n_tokens, n_heads, d_v = o2.shape
-    block_dv = triton.next_power_of_2(d_v)
+    block_dv = next_power_of_2(d_v)
     block_t = max(16, 4096 // block_dv)  # 4096 elements of each operand per program
-    grid = (n_heads, triton.cdiv(n_tokens, block_t))
+    grid = (n_heads, cdiv(n_tokens, block_t))
     args = (do2, o2, lse, delta, lse2, n_tokens, do2.stride(0), do2.stride(1), o2.stride(0), o2.stride(1),
             lse.stride(0), delta.stride(0))  # fmt: skip
     return grid, args, dict(D_V=d_v, BLOCK_DV=block_dv, BLOCK_T=block_t, num_warps=4)
@@ -125,15 +125,15 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     dk = torch.empty_like(k2)
     dv = torch.empty_like(v2)
     common = dict(
-        D_QK=d_qk, D_V=d_v, BLOCK_DQK=triton.next_power_of_2(d_qk), BLOCK_DV=triton.next_power_of_2(d_v),
+        D_QK=d_qk, D_V=d_v, BLOCK_DQK=next_power_of_2(d_qk), BLOCK_DV=next_power_of_2(d_v),
         CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
     )  # fmt: skip
     strides = (
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         do2.stride(0), do2.stride(1), lse.stride(0),
     )  # fmt: skip
-    dkdv_grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)  # noqa: E731
-    dq_grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
+    dkdv_grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), n_seqs * n_kv)  # noqa: E731
+    dq_grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _launch_dkdv(
         dkdv_grid, q2, k2, v2, do2, lse2, delta, dk, dv, cu_q, cu_k, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),

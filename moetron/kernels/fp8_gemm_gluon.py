@@ -67,7 +67,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -80,7 +79,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.fp8_gemm_triton import _sm_count
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
 BLOCK_N = 128  # one weight scale block: one scalar b-scale per (half) tile and K block
@@ -356,8 +355,8 @@ def choose_tiles(m: int, n: int, n_groups: int, programs: int) -> Tiles:
     worst case of one part tile per group."""
 
     def time(t: Tiles) -> float:
-        count = (triton.cdiv(m, t.block_m) + n_groups) * triton.cdiv(n, t.block_n)
-        return triton.cdiv(count, programs) * t.block_m * t.block_n / t.speed
+        count = (cdiv(m, t.block_m) + n_groups) * cdiv(n, t.block_n)
+        return cdiv(count, programs) * t.block_m * t.block_n / t.speed
 
     return min(TILES.values(), key=time)
 
@@ -377,14 +376,14 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
     b_desc = _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv)
     c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
-    count = (triton.cdiv(m, tiles.block_m) + n_groups) * triton.cdiv(n, tiles.block_n)
+    count = (cdiv(m, tiles.block_m) + n_groups) * cdiv(n, tiles.block_n)
     grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
     args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(0),
             stride_bse, b_scale.stride(-2))  # fmt: skip
     constexprs = dict(
-        BLOCK_E=triton.next_power_of_2(n_groups + 1),
+        BLOCK_E=next_power_of_2(n_groups + 1),
         STAGES=STAGES,
         GROUP_M=GROUP_M,
         TMA_STORE=tma_store,

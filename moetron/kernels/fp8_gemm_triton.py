@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetron.kernels.fp8 import SCALE_BLOCK, _capability
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -264,7 +264,7 @@ def _rows(*xs: torch.Tensor) -> list[torch.Tensor]:
 def _persistent_programs(device, m: int, n: int, n_groups: int, meta) -> int:
     """Programs of the persistent grouped GEMM: enough to fill every SM (two per SM for the small tiles that
     fit twice), never more than the worst-case tile count (every group adds a partial row tile)."""
-    tiles = (triton.cdiv(m, meta["BLOCK_M"]) + n_groups) * triton.cdiv(n, meta["BLOCK_N"])
+    tiles = (cdiv(m, meta["BLOCK_M"]) + n_groups) * cdiv(n, meta["BLOCK_N"])
     if INTERPRET:
         return min(tiles, 4)  # a few programs, each walking several tiles
     per_sm = 2 if meta["BLOCK_M"] * meta["BLOCK_N"] <= 64 * 128 else 1
@@ -278,7 +278,7 @@ def _sm_count(device) -> int:
 
 def _bucket(m: int) -> int:
     """Autotuning key for a token count: configs are re-tuned per power of two, not per value."""
-    return triton.next_power_of_2(max(m, 1))
+    return next_power_of_2(max(m, 1))
 
 
 def _gluon_ok(c: torch.Tensor) -> bool:
@@ -307,7 +307,7 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
 
         return fp8_gemm_gluon(a, *_rows(a_scale), b, *_rows(b_scale), c)  # (unit K-block strides of the scales)
     a_desc, b_desc = _descs(a, b, use_tma)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch_gemm(
         grid, a, a_desc, b, b_desc, a_scale, b_scale, c, m, n, k, _bucket(m), a.stride(0), b.stride(0),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0),
@@ -341,7 +341,7 @@ def fp8_grouped_gemm_triton(
     _launch_grouped(
         grid, a, a_desc, b2, b_desc, a_scale, b_scale, c, group_ends, m, n, k, n_groups, _bucket(m),
         a.stride(0), b2.stride(0), a_scale.stride(0), b_scale.stride(0), b_scale.stride(1), c.stride(0),
-        BLOCK_E=triton.next_power_of_2(n_groups + 1), USE_TMA=use_tma, UPCAST=INTERPRET,
+        BLOCK_E=next_power_of_2(n_groups + 1), USE_TMA=use_tma, UPCAST=INTERPRET,
     )  # fmt: skip
     return c
 
@@ -358,7 +358,7 @@ def fp8_grouped_gemm_wgrad_triton(
         return c.zero_()
     use_tma = _tma_ok(a_t, b_t) if tma is None else tma
     a_desc, b_desc = _descs(a_t, b_t, use_tma)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), n_groups)  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_N"]), n_groups)  # noqa: E731
     _launch_wgrad(
         grid, a_t, a_desc, b_t, b_desc, a_t_scale, b_t_scale, c, group_ends, n, k, n_groups,
         a_t.stride(0), b_t.stride(0), a_t_scale.stride(0), a_t_scale.stride(1), b_t_scale.stride(0),

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moetron.kernels.fp8 import AMAX_EPS, FP8_DTYPE, FP8_MAX, SCALE_BLOCK
-from moetron.kernels.launch import FastLaunch
+from moetron.kernels.launch import FastLaunch, cdiv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -165,7 +165,7 @@ def quantize_1x128_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     x = x if x.stride(1) == 1 else x.contiguous()
     q, s = out or (_empty(m, k, FP8_DTYPE, x), _empty(m, k // SCALE_BLOCK, torch.float32, x))
     if m and k:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), k // SCALE_BLOCK)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK"]), k // SCALE_BLOCK)  # noqa: E731
         _launch_rows(grid, x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), POW2=pow2_scales)
     return q, s
 
@@ -179,11 +179,11 @@ def _token_block_major_scales(k: int, m_pad: int, like: torch.Tensor) -> torch.T
 
 def quantize_1x128_t_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     m, k = x.shape
-    m_pad = triton.cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
+    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     x = x if x.stride(1) == 1 else x.contiguous()
     qt, st = out or (_empty(k, m_pad, FP8_DTYPE, x), _token_block_major_scales(k, m_pad, x))
     if m and k:
-        grid = lambda meta: (m_pad // SCALE_BLOCK, triton.cdiv(k, meta["BLOCK"]))  # noqa: E731
+        grid = lambda meta: (m_pad // SCALE_BLOCK, cdiv(k, meta["BLOCK"]))  # noqa: E731
         _launch_t(grid, x, qt, st, m, k, x.stride(0), qt.stride(0), *st.stride(), POW2=pow2_scales)
     return qt, st
 
@@ -192,7 +192,7 @@ def _launch_128x128(w3, q3, s3, pow2_scales: bool, transposed: bool):
     """w3 (E, N, K) into q3, s3 (E-leading, laid out as _quant_128x128_kernel's TRANSPOSED says)."""
     n_experts, n, k = w3.shape
     if n_experts and n and k:
-        grid = (triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, n_experts)
+        grid = (cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, n_experts)
         _launch_blocks(
             grid, w3, q3, s3, n, k, w3.stride(0), w3.stride(1), q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
             POW2=pow2_scales, TRANSPOSED=transposed,
@@ -202,7 +202,7 @@ def _launch_128x128(w3, q3, s3, pow2_scales: bool, transposed: bool):
 def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     n, k = w.shape
     w = w if w.stride(1) == 1 else w.contiguous()
-    q, s = out or (_empty(n, k, FP8_DTYPE, w), _empty(triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, torch.float32, w))
+    q, s = out or (_empty(n, k, FP8_DTYPE, w), _empty(cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK, torch.float32, w))
     _launch_128x128(w.unsqueeze(0), q.unsqueeze(0), s.unsqueeze(0), pow2_scales, transposed=False)
     return q, s
 
@@ -212,7 +212,7 @@ def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     n_experts, n, k = w3.shape
-    nb, kb = triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK
+    nb, kb = cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK
 
     def empty(*shape, dtype):
         return torch.empty(n_experts, *shape, dtype=dtype, device=w.device)
@@ -235,7 +235,7 @@ def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     """quantize_1x128_triton and quantize_1x128_t_triton of x (K % 128 == 0) from one read of x ->
     (q, s, qt, st). `out`: (q, s, qt, st) to write into."""
     m, k = x.shape
-    m_pad = triton.cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
+    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     x = x if x.stride(1) == 1 else x.contiguous()
     q, s, qt, st = out or (
         _empty(m, k, FP8_DTYPE, x),

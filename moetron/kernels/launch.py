@@ -80,6 +80,18 @@ def signature(args: tuple, key_positions: tuple[int, ...] = ()) -> tuple:
     return tuple(_arg_class(v) for v in args) + tuple(args[i] for i in key_positions if i < len(args))
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers. `triton.cdiv` is itself a jit function: called from Python it costs
+    ~6 us (argument unwrapping), and a public kernel call computes several grids and tile counts."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for host integers n >= 1 (as triton.next_power_of_2, without its ~6 us
+    of jit-call overhead)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 class FastLaunch:
     """`FastLaunch(kernel)(grid, *args, **constexprs)` launches `kernel[grid](*args, **constexprs)`,
     remembering the compiled kernel per signature (module docstring). `kernel` is a `@triton.jit` function,
@@ -149,4 +161,4 @@ class FastLaunch:
         return compiled, meta, tuple(tail), config.pre_hook if config else None
 
 
-__all__ = ["FastLaunch", "signature"]
+__all__ = ["FastLaunch", "cdiv", "next_power_of_2", "signature"]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moetron.kernels.launch import FastLaunch, signature
+from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2, signature
 
 
 def test_signature_separates_what_triton_specializes_on():
@@ -37,6 +37,16 @@ def _scaled_copy(X, Y, n, stride, scale, BLOCK: tl.constexpr, NEGATE: tl.constex
     if NEGATE:
         y = -y
     tl.store(Y + offs, y, mask=offs < n)
+
+
+def test_host_integer_helpers_match_triton():
+    """cdiv and next_power_of_2 give triton.cdiv's and triton.next_power_of_2's values (the launchers use them
+    for grids and tile counts instead of Triton's jit-callable versions, ~6 us a call)."""
+    for a in [0, 1, 2, 127, 128, 129, 1000, 2**31 + 5, 2**40]:
+        for b in (1, 3, 64, 128, 192, 256):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in [1, 2, 3, 63, 64, 65, 1000, 2**20 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
 
 
 @pytest.mark.gpu
