@@ -55,13 +55,15 @@ def _tensor_class(t) -> tuple:
 
 
 def _arg_class(v):
-    """What of one positional argument a compiled kernel can depend on (see the module docstring)."""
+    """What of one positional argument a compiled kernel can depend on (see the module docstring). Tested
+    in order of how often launches pass them (this runs for every argument of every launch)."""
+    kind = type(v)
+    if kind is int:  # (not bool: bool is kept whole below)
+        return _int_class(v)
+    if kind is bool or v is None:
+        return v
     if hasattr(v, "data_ptr"):  # a tensor
         return _tensor_class(v)
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, int):
-        return _int_class(v)
     if hasattr(v, "block_shape"):  # a host-side TMA descriptor (triton.tools or Gluon)
         return (
             _tensor_class(v.base),
@@ -71,7 +73,9 @@ def _arg_class(v):
             getattr(v, "layout", None),
             getattr(v, "padding", None),
         )
-    return type(v)
+    if isinstance(v, int):  # an int subclass (numpy-like integers are not ints)
+        return _int_class(v)
+    return kind
 
 
 def signature(args: tuple, key_positions: tuple[int, ...] = ()) -> tuple:
