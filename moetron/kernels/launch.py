@@ -73,7 +73,7 @@ def _arg_class(v):
             getattr(v, "layout", None),
             getattr(v, "padding", None),
         )
-    if isinstance(v, int):  # an int subclass (numpy-like integers are not ints)
+    if isinstance(v, int):  # an int subclass other than bool (an IntEnum, say)
         return _int_class(v)
     return kind
 
