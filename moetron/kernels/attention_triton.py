@@ -28,6 +28,7 @@ from moetron.kernels.attention_triton_kernels import (
     _fwd_kernel,
 )
 from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
+from moetron.kernels.ops import dispatch_visible
 
 # Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
 _launch_fwd, _launch_dkdv, _launch_dq, _launch_pre = map(
@@ -61,10 +62,21 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    causal: bool,
+    scale: float,
+    window: int | None,
+) -> list[torch.Tensor]:
+    """[out (batch, seq_q, heads, d_v), lse (heads, tokens) fp32] for q, k, v and their row offsets (_layout);
+    a custom op under dispatch modes (moetron.kernels.ops), so selective checkpointing keeps both."""
     batch, seq_q, n_heads, d_qk = q.shape
     n_kv, d_v = k.shape[2], v.shape[3]
-    cu_q, cu_k, max_q, max_k = _layout(q, k, cu_seqlens, max_seqlen)
     n_seqs = cu_q.numel() - 1
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
     triton.set_allocator(_scratch)
@@ -74,7 +86,7 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
         attention_gluon.gluon_attention_forward(
             q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, n_heads // n_kv, causal, scale, window
         )
-        return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
+        return [out.view(batch, seq_q, n_heads, d_v), lse]
     grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), n_seqs * n_heads)  # noqa: E731
     _launch_fwd(
         grid, q2, k2, v2, out, lse, cu_q, cu_k,
@@ -84,7 +96,17 @@ def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, win
         D_QK=d_qk, D_V=d_v, BLOCK_DQK=next_power_of_2(d_qk), BLOCK_DV=next_power_of_2(d_v),
         CAUSAL=causal, HAS_WINDOW=window is not None, UPCAST=INTERPRET,
     )  # fmt: skip
-    return out.view(batch, seq_q, n_heads, d_v), lse, (cu_q, cu_k, max_q, max_k)
+    return [out.view(batch, seq_q, n_heads, d_v), lse]
+
+
+_forward = dispatch_visible("attention_forward", _forward)
+
+
+def triton_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, window):
+    """(out (batch, seq_q, heads, d_v), lse (heads, tokens) fp32, layout (cu_q, cu_k, max_q, max_k))."""
+    layout = _layout(q, k, cu_seqlens, max_seqlen)
+    out, lse = _forward(q, k, v, *layout[:3], causal, scale, window)
+    return out, lse, layout
 
 
 def preprocess_args(do2, o2, lse, delta, lse2):

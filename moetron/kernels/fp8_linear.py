@@ -63,6 +63,7 @@ from moetron.kernels.fp8 import (
     quantize_128x128,
     quantize_128x128_dual,
 )
+from moetron.kernels.ops import dispatch_visible
 
 FP8_BLOCK = SCALE_BLOCK  # 128: width of a quantization tile and of a scaled partial product
 FP8_UNIT_ROUNDOFF = 2.0**-4  # e4m3: 3 mantissa bits, round to nearest
@@ -96,6 +97,33 @@ def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: 
     return q, s, qt, st
 
 
+def _linear_forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    save_x: bool,
+    save_w: bool,
+    pow2_scales: bool,
+    backend: str | None,
+) -> list[torch.Tensor]:
+    """FP8LinearFunction's forward work: [y (M, N), then if `save_x` x^T's 1x128 tiles and scales (all the
+    weight gradient needs of x), then if `save_w` W^T's 128x128 blocks and scales (for dX = dY @ W)].
+    A custom op under dispatch modes (moetron.kernels.ops), so selective checkpointing keeps its outputs."""
+    with torch.autocast(x2.device.type, enabled=False):
+        qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
+        qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
+        if bias is None:
+            y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
+        else:
+            y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
+            y = (y + bias.float()).to(out_dtype)
+    return [y, *((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+
+
+_linear_forward = dispatch_visible("fp8_linear_forward", _linear_forward)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
@@ -114,20 +142,12 @@ class FP8LinearFunction(torch.autograd.Function):
                 f"FP8 linear: in_features={in_features} must be a multiple of {FP8_BLOCK} "
                 f"(nearest valid: {_nearest_multiples(in_features)})"
             )
-        out_dtype = _output_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
-        with torch.autocast(x.device.type, enabled=False):
-            # x in 1x128 tiles for the GEMM and, if W needs a gradient, x^T in 1x128 tiles along the tokens
-            # (all the weight gradient needs of x).
-            qx, sx, qxt, sxt = _quantize_forms(x2, True, ctx.needs_input_grad[1], pow2_scales, backend)
-            # W in 128x128 blocks and, if x needs a gradient, W^T (K, N_pad) for dX = dY @ W
-            qw, sw, qwt, swt = _quantize_weight(weight, ctx.needs_input_grad[0], pow2_scales, backend)
-            if bias is None:
-                y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
-            else:
-                y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
-                y = (y + bias.float()).to(out_dtype)
+        save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        y, *saved = _linear_forward(x2, weight, bias, _output_dtype(x), save_x, save_w, pow2_scales, backend)
+        qxt, sxt = saved[:2] if save_x else (None, None)
+        qwt, swt = saved[-2:] if save_w else (None, None)
         ctx.save_for_backward(qxt, sxt, qwt, swt)
         ctx.pow2_scales, ctx.backend = pow2_scales, backend
         ctx.x_dtype, ctx.x_shape, ctx.w_dtype, ctx.w_shape = x.dtype, x.shape, weight.dtype, weight.shape
@@ -186,6 +206,28 @@ class FP8Linear(nn.Linear):
         return f"{super().extra_repr()}, fp8=e4m3, pow2_scales={self.pow2_scales}"
 
 
+def _grouped_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_ends: torch.Tensor,
+    out_dtype: torch.dtype,
+    save_x: bool,
+    save_w: bool,
+    pow2_scales: bool,
+    backend: str | None,
+) -> list[torch.Tensor]:
+    """FP8GroupedLinearFunction's forward work, as _linear_forward: [y (M, N), x^T's tiles and scales if
+    `save_x`, each expert's W^T (E, K, N) and scales if `save_w`]; a custom op under dispatch modes."""
+    with torch.autocast(x.device.type, enabled=False):
+        qx, sx, qxt, sxt = _quantize_forms(x, True, save_x, pow2_scales, backend)
+        qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
+        y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
+    return [y, *((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+
+
+_grouped_forward = dispatch_visible("fp8_grouped_linear_forward", _grouped_forward)
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Per expert e, rows of x in group e times weight[e]^T, all three GEMMs in FP8.
 
@@ -206,13 +248,12 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     f"fp8_grouped_linear: {name}={size} of weight{tuple(weight.shape)} must be a multiple of "
                     f"{FP8_BLOCK} (nearest valid: {_nearest_multiples(size)})"
                 )
-        out_dtype = _output_dtype(x)
-        x = x.contiguous()
-        with torch.autocast(x.device.type, enabled=False):
-            qx, sx, qxt, sxt = _quantize_forms(x, True, ctx.needs_input_grad[1], pow2_scales, backend)
-            # each expert's W (E, N, K) and, if x needs a gradient, its W^T (E, K, N)
-            qw, sw, qwt, swt = _quantize_weight(weight, ctx.needs_input_grad[0], pow2_scales, backend)
-            y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
+        save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        y, *saved = _grouped_forward(
+            x.contiguous(), weight, group_ends, _output_dtype(x), save_x, save_w, pow2_scales, backend
+        )
+        qxt, sxt = saved[:2] if save_x else (None, None)
+        qwt, swt = saved[-2:] if save_w else (None, None)
         ctx.save_for_backward(qxt, sxt, qwt, swt, group_ends)
         ctx.pow2_scales, ctx.backend, ctx.x_dtype, ctx.w_dtype = pow2_scales, backend, x.dtype, weight.dtype
         return y

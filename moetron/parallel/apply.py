@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from moetron.kernels.ops import SAVED_OPS
 from moetron.parallel.mesh import ParallelMesh
 
 
@@ -53,7 +54,10 @@ if hasattr(torch.ops.aten, "_grouped_mm"):
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # SAVED_OPS: moetron's kernel forwards (FP8 linear layers, fused attention) as custom ops, registered as
+    # their modules are imported (moetron/kernels/ops.py)
+    saved = op in _SAVE_OPS or op in SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

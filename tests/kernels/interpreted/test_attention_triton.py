@@ -96,3 +96,35 @@ def test_bad_head_dims_are_refused():
     q, k, v = inputs(1, 8, 8, 2, 2, 300, 300)
     with pytest.raises(ValueError, match="multiples of 8 up to 256"):
         flash_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("mode, forwards", [("selective", 1), ("full", 2)])
+def test_selective_checkpointing_keeps_the_attention_forward(monkeypatch, mode, forwards):
+    """Selective activation checkpointing (parallel/apply.py's policy) keeps the fused forward's output and
+    logsumexp (a custom op, moetron/kernels/ops.py) instead of re-running the kernel in the backward; full
+    checkpointing re-runs it. Gradients equal those without checkpointing."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    import moetron.kernels.attention_triton as module
+    from moetron.parallel.apply import _selective_policy
+
+    q, k, v = inputs(1, 33, 33, 2, 1, 64, 64)
+    grad = torch.randn(1, 33, 2, 64)
+    attend = functools.partial(flash_attention, causal=True, backend="triton")
+    (attend(q, k, v) * grad).sum().backward()
+    want = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+
+    launch, launches = module._launch_fwd, []
+    monkeypatch.setattr(module, "_launch_fwd", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    extra = {}
+    if mode == "selective":
+        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+    out = checkpoint(attend, q, k, v, use_reentrant=False, **extra)
+    (out * grad).sum().backward()
+    assert len(launches) == forwards
+    for name, t, ref in zip("qkv", (q, k, v), want):
+        torch.testing.assert_close(t.grad, ref, rtol=0, atol=0, msg=f"d{name}")
