@@ -173,19 +173,30 @@ def _loader(
 
 
 @gluon.jit
-def _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+def _softmax(scores, m_i, l_i, rows, n0, k_len, offset, window, scale_log2,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
-    """Online softmax of one block of raw scores (64, BLOCK_N): P (unnormalized, fp32), the new running
-    max and sum, and alpha = exp2(m_old - m_new), the factor that rescales what O has accumulated."""
+    """Online softmax of one block of raw scores (64, BLOCK_N) for keys n0 .. n0 + BLOCK_N: P (unnormalized,
+    fp32), the new running max and sum, and alpha = exp2(m_old - m_new), the factor that rescales what O has
+    accumulated.
+
+    The mask keeps, per query row, the keys in one interval (first, last]: the causal diagonal, the window and
+    the end of the keys bound it. Each key's offset in the block (an arange, the same in every block) is
+    compared with the row's bounds minus n0: one compare per score (two with a window), against three to
+    four for key positions tested against each bound in turn, which measured 2-8% faster on causal inputs
+    (bench/results/attention_mask_experiment.json). Rows past q_len are not masked: they are computed,
+    never stored, and no row reads another."""
     if MASKED:
-        pos = rows[:, None] + offset  # query position on the key axis (bottom-right causal alignment)
-        ok = (cols[None, :] < k_len) & (rows[:, None] < q_len)
+        pos = rows + offset  # (64,) query position on the key axis (bottom-right causal alignment)
         if CAUSAL:
-            ok = ok & (cols[None, :] <= pos)
+            last = gl.minimum(pos, k_len - 1)
+        elif HAS_WINDOW:
+            last = gl.minimum(pos + window - 1, k_len - 1)
+        else:
+            last = pos * 0 + (k_len - 1)
+        key = gl.arange(0, scores.shape[1], layout=gl.SliceLayout(0, scores.type.layout))  # key - n0
+        ok = key[None, :] <= (last - n0)[:, None]
         if HAS_WINDOW:
-            ok = ok & (pos - cols[None, :] < window)
-            if not CAUSAL:
-                ok = ok & (cols[None, :] - pos < window)
+            ok = ok & (key[None, :] > (pos - window - n0)[:, None])
         scores = gl.where(ok, scores, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(scores, 1) * scale_log2)
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -201,7 +212,7 @@ def _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_l
 @gluon.jit
 def _block(
     q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, j, n0, acc, p_op, m_i, l_i,
-    rows, q_len, k_len, offset, window, scale_log2,
+    rows, k_len, offset, window, scale_log2,
     s_layout: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr, MASKED: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
 ):  # fmt: skip
@@ -220,8 +231,7 @@ def _block(
     acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)  # O += P_{j-1} V_{j-1}
     scores = warpgroup_mma_wait(num_outstanding=1, deps=(scores,))  # S_j is done; P V may still run
     mbarrier.arrive(k_empty.index(s))
-    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, n0, k_len, offset, window, scale_log2,
                                   MASKED, CAUSAL, HAS_WINDOW)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(v_empty.index(prev))
@@ -274,8 +284,7 @@ def _consumer(
                 mbarrier.arrive(k_empty.index(s))
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
                 l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
-                cols = lo + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, cols, q_len, k_len, offset, window, scale_log2,
+                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
                                               True, CAUSAL, HAS_WINDOW)  # fmt: skip
                 p_op = gl.convert_layout(p.to(q_tile.dtype), p_layout)
                 acc = gl.zeros([ROWS, D_V], gl.float32, layout=o_layout)
@@ -284,14 +293,14 @@ def _consumer(
                 for n0 in range(lo + BLOCK_N, full, BLOCK_N):  # every (query, key) pair allowed: no mask
                     acc, p_op, m_i, l_i = _block(
                         q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
-                        m_i, l_i, rows, q_len, k_len, offset, window, scale_log2,
+                        m_i, l_i, rows, k_len, offset, window, scale_log2,
                         s_layout, STAGES, TAIL, False, CAUSAL, HAS_WINDOW,
                     )  # fmt: skip
                     c += 1
                 for n0 in range(gl.maximum(full, lo + BLOCK_N), hi, BLOCK_N):
                     acc, p_op, m_i, l_i = _block(
                         q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
-                        m_i, l_i, rows, q_len, k_len, offset, window, scale_log2,
+                        m_i, l_i, rows, k_len, offset, window, scale_log2,
                         s_layout, STAGES, TAIL, True, CAUSAL, HAS_WINDOW,
                     )  # fmt: skip
                     c += 1

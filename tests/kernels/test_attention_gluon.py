@@ -56,7 +56,10 @@ def test_gluon_forward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window, 
     compiled = compile_for_hopper(attention_gluon._attn_fwd_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 4 * (consumers + 1)  # + the loader warp padded to a warpgroup
     assert compiled.metadata.shared <= SMEM_LIMIT
-    assert not any(spill_bytes(compiled, tmp_path))  # register budgets per partition leave no spills
+    # Register budgets per partition leave no spills, except MLA's causal form: 28/48 bytes of loop-invariant
+    # scalars, stored once per program; the spill-free mask before it measured 3.5% slower
+    # (bench/results/attention_mask_experiment.json).
+    assert max(spill_bytes(compiled, tmp_path)) <= (48 if (d_qk, causal) == (192, True) else 0)
 
 
 def test_supported_rules(monkeypatch):
