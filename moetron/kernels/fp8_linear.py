@@ -97,6 +97,22 @@ def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: 
     return q, s, qt, st
 
 
+def _quantize_operands(x2, weight, save_x: bool, save_w: bool, pow2_scales: bool, backend):
+    """(qx, sx, qw, sw, saved): x's 1x128 tiles and W's 128x128 blocks (per expert for (E, N, K)) for the
+    forward GEMM, and the list of what the backward keeps: x^T's 1x128 tiles and scales if `save_x` (all the
+    weight gradient needs of x), W^T's blocks and scales if `save_w` (for dX = dY @ W)."""
+    qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
+    qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
+    return qx, sx, qw, sw, [*((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+
+
+def _saved_forms(saved: list, save_x: bool, save_w: bool) -> tuple:
+    """(qxt, sxt, qwt, swt) from _quantize_operands' list, None for the forms not saved."""
+    qxt, sxt = saved[:2] if save_x else (None, None)
+    qwt, swt = saved[-2:] if save_w else (None, None)
+    return qxt, sxt, qwt, swt
+
+
 def _linear_forward(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -107,18 +123,16 @@ def _linear_forward(
     pow2_scales: bool,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    """FP8LinearFunction's forward work: [y (M, N), then if `save_x` x^T's 1x128 tiles and scales (all the
-    weight gradient needs of x), then if `save_w` W^T's 128x128 blocks and scales (for dX = dY @ W)].
-    A custom op under dispatch modes (moetron.kernels.ops), so selective checkpointing keeps its outputs."""
+    """FP8LinearFunction's forward work: [y (M, N), *what the backward keeps (_quantize_operands)]. A custom
+    op under dispatch modes (moetron.kernels.ops), so selective checkpointing keeps its outputs."""
     with torch.autocast(x2.device.type, enabled=False):
-        qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
-        qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
+        qx, sx, qw, sw, saved = _quantize_operands(x2, weight, save_x, save_w, pow2_scales, backend)
         if bias is None:
             y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
         else:
             y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
             y = (y + bias.float()).to(out_dtype)
-    return [y, *((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+    return [y, *saved]
 
 
 _linear_forward = dispatch_visible("fp8_linear_forward", _linear_forward)
@@ -146,9 +160,7 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
         save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         y, *saved = _linear_forward(x2, weight, bias, _output_dtype(x), save_x, save_w, pow2_scales, backend)
-        qxt, sxt = saved[:2] if save_x else (None, None)
-        qwt, swt = saved[-2:] if save_w else (None, None)
-        ctx.save_for_backward(qxt, sxt, qwt, swt)
+        ctx.save_for_backward(*_saved_forms(saved, save_x, save_w))
         ctx.pow2_scales, ctx.backend = pow2_scales, backend
         ctx.x_dtype, ctx.x_shape, ctx.w_dtype, ctx.w_shape = x.dtype, x.shape, weight.dtype, weight.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -216,13 +228,12 @@ def _grouped_forward(
     pow2_scales: bool,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    """FP8GroupedLinearFunction's forward work, as _linear_forward: [y (M, N), x^T's tiles and scales if
-    `save_x`, each expert's W^T (E, K, N) and scales if `save_w`]; a custom op under dispatch modes."""
+    """FP8GroupedLinearFunction's forward work, as _linear_forward: [y (M, N), *what the backward keeps]
+    (each expert's W^T is (E, K, N)); a custom op under dispatch modes."""
     with torch.autocast(x.device.type, enabled=False):
-        qx, sx, qxt, sxt = _quantize_forms(x, True, save_x, pow2_scales, backend)
-        qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
+        qx, sx, qw, sw, saved = _quantize_operands(x, weight, save_x, save_w, pow2_scales, backend)
         y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
-    return [y, *((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+    return [y, *saved]
 
 
 _grouped_forward = dispatch_visible("fp8_grouped_linear_forward", _grouped_forward)
@@ -252,9 +263,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         y, *saved = _grouped_forward(
             x.contiguous(), weight, group_ends, _output_dtype(x), save_x, save_w, pow2_scales, backend
         )
-        qxt, sxt = saved[:2] if save_x else (None, None)
-        qwt, swt = saved[-2:] if save_w else (None, None)
-        ctx.save_for_backward(qxt, sxt, qwt, swt, group_ends)
+        ctx.save_for_backward(*_saved_forms(saved, save_x, save_w), group_ends)
         ctx.pow2_scales, ctx.backend, ctx.x_dtype, ctx.w_dtype = pow2_scales, backend, x.dtype, weight.dtype
         return y
 
