@@ -29,12 +29,11 @@ import torch
 SAVED_OPS: set[torch._ops.OpOverload] = set()
 
 
-def dispatch_visible(name: str, fn: Callable, saved: bool = True) -> Callable:
-    """Register fn as moetron::name (see the module docstring); `saved`: list it in SAVED_OPS."""
+def dispatch_visible(name: str, fn: Callable) -> Callable:
+    """Register fn as moetron::name and list it in SAVED_OPS (see the module docstring)."""
     op = torch.library.custom_op(f"moetron::{name}", mutates_args=())(fn)
     overload = getattr(torch.ops.moetron, name).default
-    if saved:
-        SAVED_OPS.add(overload)
+    SAVED_OPS.add(overload)
     modes_active = torch._C._len_torch_dispatch_stack
 
     def call(*args):
