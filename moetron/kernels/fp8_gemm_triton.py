@@ -11,9 +11,10 @@ output tile walks K in 128-wide scale blocks. Each block is one FP8 `tl.dot` int
 same arithmetic in the same order), so the MMA can overlap it; the autotuner picks.
 
 * On sm_90 the dense GEMM with weight-block b-scales and the grouped GEMM go to the warp-specialized Gluon
-  kernels (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% and 10-28% faster on the H100); this kernel
-  serves the weight-gradient form (1x128 b-scales: a Gluon version with two consumer warpgroups measured
-  from 12% slower to 2% faster than this one), other GPUs, the interpreter, and MOETRON_FP8_GLUON=0.
+  kernels (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% and 10-28% faster on the H100), and so does the
+  dense weight-gradient form (1x128 b-scales, token-block-major scales: moetron/kernels/fp8_wgrad_gluon.py,
+  17-39% faster); this kernel serves the grouped weight gradient, other GPUs, the interpreter, and
+  MOETRON_FP8_GLUON=0.
 * Tiles are walked in GROUP_M super-rows, so neighbouring programs share A and B tiles in L2.
 * On Hopper (capability >= 9) operands load through host-side TMA descriptors (zero-filled out of bounds);
   elsewhere, and by default under TRITON_INTERPRET=1, through masked pointers.
@@ -306,6 +307,11 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, *, tma: bool | None = Non
         from moetron.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
         return fp8_gemm_gluon(a, *_rows(a_scale), b, *_rows(b_scale), c)  # (unit K-block strides of the scales)
+    if gluon:  # 1x128 b-scales: the weight-gradient GEMM, for scales stored as quantize_1x128_t stores them
+        from moetron.kernels.fp8_wgrad_gluon import fp8_wgrad_gluon, wgrad_ok
+
+        if wgrad_ok(a_scale, b_scale):
+            return fp8_wgrad_gluon(a, a_scale, b, b_scale, c)
     a_desc, b_desc = _descs(a, b, use_tma)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch_gemm(

@@ -77,3 +77,48 @@ def test_choose_tiles():
     for out_dtype, consumers in [(torch.bfloat16, 2), (torch.float32, 3)]:
         c = torch.empty(m, n, dtype=out_dtype)
         assert gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)[2]["CONSUMERS"] == consumers
+
+
+wgrad_kernel = pytest.importorskip("moetron.kernels.fp8_wgrad_gluon")
+
+
+def wgrad_operands(n, k, tokens):
+    """dY^T (N, T) and X^T (K, T) in e4m3 with their scales stored token-block-major, as quantize_1x128_t does."""
+    a, b = torch.empty(n, tokens, dtype=torch.float8_e4m3fn), torch.empty(k, tokens, dtype=torch.float8_e4m3fn)
+    return a, torch.empty(tokens // 128, n).t(), b, torch.empty(tokens // 128, k).t()
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
+@pytest.mark.parametrize("tiles", ["wide", "square"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_gluon_wgrad_compiles_for_hopper(tmp_path, tiles, out_dtype):
+    """The weight-gradient kernel (fp8_wgrad_gluon.py): both tile shapes, 16-bit and fp32 outputs (both leave
+    through the TMA store), within the shared memory, and no spills (a b-scale vector loaded before the MMA's
+    wait, or a 24-register loader, spills)."""
+    n, k, tokens = 1156, 2176, 1536
+    a, a_scale, b, b_scale = wgrad_operands(n, k, tokens)
+    assert wgrad_kernel.wgrad_ok(a_scale, b_scale)
+    t = wgrad_kernel.WGRAD_TILES[tiles]
+    c = torch.empty(n, k, dtype=out_dtype)
+    grid, args, constexprs = wgrad_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, tiles=t)
+    assert grid == (min(triton.cdiv(n, t.block_m) * triton.cdiv(k, t.block_n), 132),)
+    assert constexprs["TMA_STORE"]
+    compiled = compile_for_hopper(wgrad_kernel._fp8_wgrad_ws_kernel, args, constexprs)
+    assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert not any(spill_bytes(compiled, tmp_path))
+
+
+def test_wgrad_dispatch_conditions():
+    """wgrad_ok takes scales stored token-block-major with row counts that keep TMA's 16-byte strides; choose_tiles
+    takes the wide tiles for weight-sized outputs, the square ones where few wide tiles would idle most SMs."""
+    a, a_scale, b, b_scale = wgrad_operands(1024, 512, 256)
+    assert wgrad_kernel.wgrad_ok(a_scale, b_scale)
+    assert not wgrad_kernel.wgrad_ok(a_scale.contiguous(), b_scale)  # row-major (quantize_1x128's layout)
+    _, odd_scale, _, _ = wgrad_operands(1022, 512, 256)
+    assert not wgrad_kernel.wgrad_ok(odd_scale, b_scale)  # 1022 rows: K-block stride not 16-byte aligned
+    choose = wgrad_kernel.choose_tiles
+    for m, n in [(4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096), (8192, 8192)]:
+        assert choose(m, n, 132) is wgrad_kernel.WGRAD_TILES["wide"], (m, n)
+    for m, n in [(640, 640), (512, 512), (1024, 1280)]:
+        assert choose(m, n, 132) is wgrad_kernel.WGRAD_TILES["square"], (m, n)

@@ -218,15 +218,21 @@ def test_gemm_gluon(m, n, k, out_dtype, tiles, monkeypatch):
         assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
 
 
+def weight_gradient_operands(tokens, n, k):
+    """dY^T and X^T as FP8Linear's backward quantizes them: 1x128 tiles along the tokens, scales token-block-major."""
+    dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    (qa, sa), (qb, sb) = fp8.quantize_1x128_t(dy), fp8.quantize_1x128_t(x)
+    return qa, sa, qb, sb
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens,n,k", [(1000, 300, 640), (16384, 2048, 1024)])
 def test_gemm_weight_gradient(tokens, n, k, out_dtype):
     """dW = dY^T X as FP8Linear computes it: both operands from quantize_1x128_t (scales token-block-major),
     tokens padded to a multiple of 128, partial tiles in both output dims, into poisoned buffers; the public
     fp8_gemm on the same operands gives the same bytes."""
-    dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-    (qa, sa), (qb, sb) = fp8.quantize_1x128_t(dy), fp8.quantize_1x128_t(x)
+    qa, sa, qb, sb = weight_gradient_operands(tokens, n, k)
     assert sa.t().is_contiguous() and sb.t().is_contiguous()
     out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, out=poison(n, k, dtype=out_dtype))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
@@ -237,6 +243,34 @@ def test_gemm_weight_gradient(tokens, n, k, out_dtype):
         assert torch.isfinite(out).all()
         assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
     assert torch.equal(fp8.fp8_gemm(qa, sa, qb, sb, out_dtype=out_dtype), out)
+
+
+@hopper_only
+@pytest.mark.parametrize("tiles", ["wide", "square"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,n,k", [(100, 4, 128), (1000, 304, 640), (1500, 1156, 2176), (16384, 2048, 1024)])
+def test_gemm_gluon_weight_gradient(tokens, n, k, out_dtype, tiles, monkeypatch):
+    """The Gluon weight-gradient kernel (fp8_wgrad_gluon), both tile shapes, every output dtype (fp32 through the
+    TMA store too): output rows and columns past partial tiles (a 256-wide tile's second half partly or wholly
+    past N), one token block, into poisoned buffers; against the reference, and the dispatch reaches it."""
+    import moetron.kernels.fp8_wgrad_gluon as wgrad_module
+
+    monkeypatch.setattr(wgrad_module, "choose_tiles", lambda *args: wgrad_module.WGRAD_TILES[tiles])
+    calls = []
+    real = wgrad_module.fp8_wgrad_gluon
+    monkeypatch.setattr(wgrad_module, "fp8_wgrad_gluon", lambda *a: calls.append(1) or real(*a))
+    qa, sa, qb, sb = weight_gradient_operands(tokens, n, k)
+    out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, out=poison(n, k, dtype=out_dtype))
+    assert calls == [1]
+    ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
+    bound = abs_product(qa, sa, qb, sb)
+    if out_dtype == torch.float32:
+        assert_accumulation_close(out, ref, bound)
+    else:
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    triton_out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, gluon=False)
+    assert_accumulation_close(out.float(), triton_out, bound)  # the two kernels round the promotion differently
 
 
 @hopper_only

@@ -1,0 +1,286 @@
+"""The FP8 weight-gradient GEMM for Hopper (sm_90) in Gluon: block-scaled with 1x128 scales on both operands.
+
+For a linear layer y = x W^T the weight gradient is dW (N, K) = dY^T X, a reduction over the tokens. In
+DeepSeek-V3's recipe both operands are quantized along the tokens (moetron/kernels/fp8_linear.py): A = dY^T
+(N, T) and B = X^T (K, T) in e4m3, each with one fp32 scale per row and 128-token block. So
+
+    C[n, k] = sum over token blocks t of (A_t @ B_t^T)[n, k] * a_scale[n, t] * b_scale[k, t]
+
+and each block's partial product is promoted with an outer product of two scale vectors, where the forward
+GEMM (moetron/kernels/fp8_gemm_gluon.py) needs a row vector and one scalar. Per output element and block that
+is a multiply and a fused multiply-add on the CUDA cores against the forward's one FMA, so the promotion
+needs twice the issue slots, and it must hide behind the tensor cores all the same.
+
+The structure is the forward kernel's (its docstring explains the partitions, the ring and the persistent
+tile order), with one change in where the scales come from: the loader copies each stage's scale vectors
+(a_scale[m0:m0 + BLOCK_M, t] and b_scale[n0:n0 + BLOCK_N, t], contiguous because the quantizer stores the
+scales token-block-major) into shared memory with the same TMA transaction as the tiles, so a consumer reads
+them from shared memory (tens of cycles) once their stage is ready, never from global memory inside its loop.
+Per K block a consumer warpgroup:
+
+    wait ready[s]; issue the wgmma of its 64 rows x 128 columns of stage s (async); read its 64 a-scales;
+    wait for the MMA; read the stage's 128 b-scales; release stage s;
+    acc += (partial * sb[None, :]) * sa[:, None]        (an FMUL and an FFMA per element)
+
+The b-scales are read after the MMA's wait: read before it, their 32 registers per thread would be live next
+to the accumulators and the partial, and ptxas spills. Tiles: wide, 128 x 256 (two consumers of 64 rows, each
+with two 128-column halves: two accumulators and one partial), and square, 128 x 128, for problems where the
+wide tiles would leave SMs idle (choose_tiles). Outputs leave through a TMA store from shared memory, fp32 ones
+too (the weight gradient of fp32 master weights), which is why the wide tile's ring is 3 stages deep.
+
+Measured on the H100 against the Triton kernel (bench/results/fp8_wgrad_gluon_tiles.json): 855-898 against
+642-685 TFLOP/s on weight-sized outputs over 8192 tokens, 801-818 against 681-685 on DeepSeek-V3's shapes over
+16384; a Gluon version that loaded the b-scales from global memory in the loop (with the tile, not staged)
+measured 600-685, slower than Triton on most shapes.
+
+Dense only: the grouped weight gradient (one (N, K) per expert, each reducing over its own tokens) stays on the
+Triton kernel. GPU only (no interpreter); tests/kernels/test_fp8_gluon.py compiles it for sm_90a on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from moetron.kernels.fp8_gemm_gluon import (
+    _GL_DTYPES,
+    BLOCK_K,
+    BLOCK_N,
+    GROUP_M,
+    WG_ROWS,
+    Tiles,
+    _desc,
+    _locate,
+    _no_groups,
+    _segments,
+    _store,
+)
+from moetron.kernels.launch import FastLaunch, cdiv
+
+# Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
+# wide tile, 128 x 256; one of each for the square one, 128 x 128). `speed`: measured relative throughput on
+# large problems (wide 0-14% faster, median 8%: bench/results/fp8_wgrad_gluon_tiles.json).
+WGRAD_TILES = {"wide": Tiles(2, 2, 240, 1.08), "square": Tiles(2, 1, 240, 1.0)}
+# Ring depth per tile shape, the most that fits next to the fp32 output staging: wide 3 x 48 KB + 2 x 32 KB,
+# square 4 x 32 KB + 2 x 32 KB (+ the scale vectors) of the H100's 227 KB.
+WGRAD_STAGES = {2: 3, 1: 4}
+WGRAD_LOADER_REGS = 40  # (24 or 32 spill: the loader also places the scale vectors; the first consumer gets 232)
+
+# the scales as flat fp32 vectors, copied in unswizzled runs of `width`: part of one K block's scales per stage
+_SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
+@gluon.jit
+def _loader(a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M, N, k_blocks,
+            STAGES: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
+    """Producer partition: per K block kb of each of this program's tiles, into stage s: A rows [m0, m0 + BLOCK_M)
+    as 64-row boxes, B rows [n0, n0 + BLOCK_N) as 128-row boxes, and their scales of block kb (one row of each
+    token-block-major scale matrix), all completing ready[s]. TMA zero-fills what lies past the tensors."""
+    WG_ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    PARTS: gl.constexpr = a_ring.shape[0] // STAGES
+    HALVES: gl.constexpr = b_ring.shape[0] // STAGES
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BYTES: gl.constexpr = (PARTS * (a_desc.block_type.nbytes + sa_desc.block_type.nbytes)
+                           + HALVES * b_desc.block_type.nbytes + sb_desc.block_type.nbytes)  # fmt: skip
+    starts, ends, tiles, first_tile = _segments(GE, 0, M, PARTS * WG_ROWS, 2)
+    it = 0
+    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
+        _, m0, _, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * WG_ROWS, HALVES * BLOCK_N, GROUP_M)
+        for kb in range(k_blocks):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
+            mbarrier.expect(ready.index(s), BYTES)
+            for j in gl.static_range(PARTS):
+                tma.async_copy_global_to_shared(
+                    a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j)
+                )
+            for h in gl.static_range(HALVES):
+                tma.async_copy_global_to_shared(
+                    b_desc, [n0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h)
+                )
+            for j in gl.static_range(PARTS):
+                tma.async_copy_global_to_shared(
+                    sa_desc, [kb * M + m0 + j * WG_ROWS], ready.index(s), sa_ring.index(s * PARTS + j)
+                )
+            tma.async_copy_global_to_shared(sb_desc, [kb * N + n0], ready.index(s), sb_ring.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks, stride_cm,
+              WG: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr):  # fmt: skip
+    """Consumer partition WG: rows [m0 + 64 WG, m0 + 64 WG + 64) of each of this program's tiles, all of its
+    columns (one or two 128-column halves)."""
+    PARTS: gl.constexpr = a_ring.shape[0] // STAGES
+    HALVES: gl.constexpr = b_ring.shape[0] // STAGES
+    ROWS: gl.constexpr = a_ring.shape[1]
+    BLOCK_N: gl.constexpr = b_ring.shape[1]
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)  # (64,): two distinct rows per thread
+    col_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)  # (128,): 32 distinct columns per thread
+    zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)  # (not read: use_acc=False)
+    c_smem = c_desc  # (unused without TMA_STORE)
+    if TMA_STORE:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+    it = 0
+    starts, ends, tiles, first_tile = _segments(GE, 0, M, PARTS * ROWS, 2)
+    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
+        _, m0, _, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * ROWS, HALVES * BLOCK_N, GROUP_M)
+        row0 = m0 + WG * ROWS
+        rows = row0 + gl.arange(0, ROWS, layout=row_layout)
+        acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        if HALVES == 2:
+            acc1 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        for _ in range(k_blocks):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a = a_ring.index(s * PARTS + WG)  # (64, 128) e4m3, this warpgroup's rows
+            partial = warpgroup_mma(a, b_ring.index(s * HALVES).permute((1, 0)), zero, use_acc=False, is_async=True)
+            sa = sa_ring.index(s * PARTS + WG).load(row_layout)  # (64,) block kb's a-scales of our rows
+            partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))  # (64, 128) fp32, one K block
+            # (the b-scales only now: loaded before the wait, their 32 registers would be live next to the
+            # accumulators and the partial, and ptxas spills)
+            sb = sb_ring.index(s).slice(0, BLOCK_N).load(col_layout)  # (128,) its b-scales of our columns
+            if HALVES == 2:
+                acc += (partial * sb[None, :]) * sa[:, None]  # promotion on the CUDA cores: FMUL, FFMA
+                # half 1 into the same registers (passing the spent partial as the accumulator ties them)
+                partial = warpgroup_mma(a, b_ring.index(2 * s + 1).permute((1, 0)), partial, use_acc=False,
+                                        is_async=True)  # fmt: skip
+                partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))
+                sb = sb_ring.index(s).slice(BLOCK_N, BLOCK_N).load(col_layout)
+                mbarrier.arrive(empty.index(s))  # this warpgroup is done reading stage s
+                acc1 += (partial * sb[None, :]) * sa[:, None]
+            else:
+                mbarrier.arrive(empty.index(s))
+                acc += (partial * sb[None, :]) * sa[:, None]
+            it += 1
+        row_ok = rows < M
+        _store(acc, c_smem, c_desc, C, rows, row_ok, row0, M, n0, M, N, stride_cm, TMA_STORE)
+        if HALVES == 2:
+            _store(acc1, c_smem, c_desc, C, rows, row_ok, row0, M, n0 + BLOCK_N, M, N, stride_cm, TMA_STORE)
+    if TMA_STORE:
+        tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _fp8_wgrad_ws_kernel(
+    a_desc, b_desc, sa_desc, sb_desc, c_desc, C, GE, M, N, K, stride_cm,
+    STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr,
+    HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+):  # fmt: skip
+    """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
+    C = A @ B^T with 1x128 scales on both operands, by CONSUMERS consumer warpgroups and a loader warp that
+    share a STAGES-deep ring of A and B tiles and their scale vectors."""
+    k_blocks = gl.cdiv(K, a_desc.block_type.shape[1])
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS] + a_desc.block_type.shape, a_desc.layout)
+    b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES * HALVES] + b_desc.block_type.shape, b_desc.layout)
+    sa_ring = gl.allocate_shared_memory(gl.float32, [STAGES * CONSUMERS] + sa_desc.block_type.shape, sa_desc.layout)
+    sb_ring = gl.allocate_shared_memory(gl.float32, [STAGES] + sb_desc.block_type.shape, sb_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)  # the loader's expect; completes when the bytes have landed
+        mbarrier.init(empty.index(s), count=CONSUMERS)  # one arrival per consumer warpgroup
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
+                             stride_cm, 0, STAGES, GROUP_M, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
+                             stride_cm, 1, STAGES, GROUP_M, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
+                             stride_cm, 2, STAGES, GROUP_M, TMA_STORE)),
+                (_loader, (a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M,
+                           N, k_blocks, STAGES, GROUP_M)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
+                             stride_cm, 0, STAGES, GROUP_M, TMA_STORE)),
+                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
+                             stride_cm, 1, STAGES, GROUP_M, TMA_STORE)),
+                (_loader, (a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M,
+                           N, k_blocks, STAGES, GROUP_M)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+
+
+def _scale_desc(scale: torch.Tensor, width: int) -> TensorDescriptor:
+    """A (rows, K/128) scale matrix stored token-block-major, as the flat vector it is in memory (K block kb's
+    scale of row r at kb * rows + r), in runs of `width`. A run past a block's last row reads the next block's
+    first scales: they scale rows that are never stored."""
+    return TensorDescriptor.from_tensor(scale.t().reshape(-1), [width], _SCALE_LAYOUT)
+
+
+def wgrad_ok(a_scale, b_scale) -> bool:
+    """Whether this kernel takes these checked operands: both scale matrices token-block-major (unit row stride)
+    with 16-byte aligned bases and K-block strides (row counts multiple of 4), as quantize_1x128_t stores them."""
+    return all(
+        s.stride(0) == 1 and s.stride(1) == s.shape[0] and s.data_ptr() % 16 == 0 and s.shape[0] % 4 == 0
+        for s in (a_scale, b_scale)
+    )
+
+
+def choose_tiles(m: int, n: int, programs: int) -> Tiles:
+    """WGRAD_TILES' shape with the shorter estimated time (as fp8_gemm_gluon.choose_tiles: ceil(tiles / programs)
+    waves of tiles, each costing its area over the shape's measured speed): wide on large outputs, square where
+    the wide tiles would leave most SMs idle in the last wave."""
+
+    def time(t: Tiles) -> float:
+        return cdiv(cdiv(m, t.block_m) * cdiv(n, t.block_n), programs) * t.block_m * t.block_n / t.speed
+
+    return min(WGRAD_TILES.values(), key=time)
+
+
+def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None):
+    """(grid, args, constexprs) of _fp8_wgrad_ws_kernel for a (M, T) and b (N, T) e4m3, T % 128 == 0, 16-byte
+    aligned with 16-byte row strides, their (M, T/128) and (N, T/128) scales passing wgrad_ok, c (M, N) bf16,
+    fp16 or fp32 with a unit column stride. `tiles`: one of WGRAD_TILES, else choose_tiles picks."""
+    (m, k), n = a.shape, b.shape[0]
+    tiles = tiles or choose_tiles(m, n, programs)
+    tma_store = c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
+    a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
+    b_desc = _desc(b, [BLOCK_N, BLOCK_K], gl.float8e4nv)
+    c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
+    grid = (min(cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n), programs),)
+    args = (a_desc, b_desc, _scale_desc(a_scale, WG_ROWS), _scale_desc(b_scale, tiles.block_n), c_desc, c,
+            _no_groups(c.device), m, n, k, c.stride(0))  # fmt: skip
+    constexprs = dict(
+        STAGES=WGRAD_STAGES[tiles.halves],
+        GROUP_M=GROUP_M,
+        TMA_STORE=tma_store,
+        CONSUMERS=tiles.consumers,
+        HALVES=tiles.halves,
+        CONSUMER_REGS=tiles.consumer_regs,
+        LOADER_REGS=WGRAD_LOADER_REGS,
+        num_warps=4,
+    )
+    return grid, args, constexprs
+
+
+_launch = FastLaunch(_fp8_wgrad_ws_kernel)
+
+
+def fp8_wgrad_gluon(a, a_scale, b, b_scale, c, tiles: Tiles | None = None):
+    """c (M, N) = the block-scaled a @ b^T with 1x128 scales on both operands (see kernel_args); returns c."""
+    from moetron.kernels.fp8_gemm_triton import _sm_count
+
+    if c.shape[0] and c.shape[1]:
+        grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), tiles)
+        _launch(grid, *args, **constexprs)
+    return c
+
+
+__all__ = ["WGRAD_TILES", "choose_tiles", "fp8_wgrad_gluon", "kernel_args", "wgrad_ok"]
