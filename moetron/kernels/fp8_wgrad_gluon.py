@@ -25,13 +25,13 @@ Per K block a consumer warpgroup:
 The b-scales are read after the MMA's wait: read before it, their 32 registers per thread would be live next
 to the accumulators and the partial, and ptxas spills. Tiles: wide, 128 x 256 (two consumers of 64 rows, each
 with two 128-column halves: two accumulators and one partial), and square, 128 x 128, for problems where the
-wide tiles would leave SMs idle (choose_tiles). Outputs leave through a TMA store from shared memory, fp32 ones
-too (the weight gradient of fp32 master weights), which is why the wide tile's ring is 3 stages deep.
+wide tiles would leave SMs idle and for fp32 outputs (choose_tiles). Outputs leave through a TMA store from
+shared memory, fp32 ones too (the weight gradient of fp32 master weights).
 
-Measured on the H100 against the Triton kernel (bench/results/fp8_wgrad_gluon_tiles.json): 855-898 against
-642-685 TFLOP/s on weight-sized outputs over 8192 tokens, 801-818 against 681-685 on DeepSeek-V3's shapes over
-16384; a Gluon version that loaded the b-scales from global memory in the loop (with the tile, not staged)
-measured 600-685, slower than Triton on most shapes.
+Measured on the H100 against the Triton kernel, same run (bench/results/fp8_wgrad_gluon_tiles.json, large
+problems): bf16 outputs 789-864 against 639-683 TFLOP/s (1.16-1.34x), fp32 outputs on the square tiles 740-789
+against 609-673 (1.15-1.22x). A Gluon version that loaded the b-scales from global memory inside the loop
+(f3c7ebc, reverted) measured 600-685, slower than Triton on most shapes.
 
 Dense only: the grouped weight gradient (one (N, K) per expert, each reducing over its own tokens) stays on the
 Triton kernel. GPU only (no interpreter); tests/kernels/test_fp8_gluon.py compiles it for sm_90a on the CPU.
@@ -64,8 +64,8 @@ from moetron.kernels.launch import FastLaunch, cdiv
 # wide tile, 128 x 256; one of each for the square one, 128 x 128). `speed`: measured relative throughput on
 # large problems (wide 0-14% faster, median 8%: bench/results/fp8_wgrad_gluon_tiles.json).
 WGRAD_TILES = {"wide": Tiles(2, 2, 240, 1.08), "square": Tiles(2, 1, 240, 1.0)}
-# Ring depth per tile shape, the most that fits next to the fp32 output staging: wide 3 x 48 KB + 2 x 32 KB,
-# square 4 x 32 KB + 2 x 32 KB (+ the scale vectors) of the H100's 227 KB.
+# Ring depth per tile shape, the most that fits next to the output staging (fp32 staging is 2 x 32 KB): wide
+# 3 x 48 KB (4 do not fit with bf16 staging either), square 4 x 32 KB, with the scale vectors, of 227 KB.
 WGRAD_STAGES = {2: 3, 1: 4}
 WGRAD_LOADER_REGS = 40  # (24 or 32 spill: the loader also places the scale vectors; the first consumer gets 232)
 
@@ -233,15 +233,17 @@ def wgrad_ok(a_scale, b_scale) -> bool:
     )
 
 
-def choose_tiles(m: int, n: int, programs: int) -> Tiles:
+def choose_tiles(m: int, n: int, programs: int, out_bytes: int = 2) -> Tiles:
     """WGRAD_TILES' shape with the shorter estimated time (as fp8_gemm_gluon.choose_tiles: ceil(tiles / programs)
-    waves of tiles, each costing its area over the shape's measured speed): wide on large outputs, square where
-    the wide tiles would leave most SMs idle in the last wave."""
+    waves of tiles, each costing its area over the shape's measured speed) for 16-bit outputs: wide on large
+    outputs, square where the wide tiles would leave most SMs idle in the last wave. Square for fp32 outputs
+    (`out_bytes` 4): their staging leaves the wide tile a 3-deep ring, and it measured no faster (740-766
+    against 740-789 TFLOP/s)."""
 
     def time(t: Tiles) -> float:
         return cdiv(cdiv(m, t.block_m) * cdiv(n, t.block_n), programs) * t.block_m * t.block_n / t.speed
 
-    return min(WGRAD_TILES.values(), key=time)
+    return WGRAD_TILES["square"] if out_bytes > 2 else min(WGRAD_TILES.values(), key=time)
 
 
 def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None):
@@ -249,7 +251,7 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None)
     aligned with 16-byte row strides, their (M, T/128) and (N, T/128) scales passing wgrad_ok, c (M, N) bf16,
     fp16 or fp32 with a unit column stride. `tiles`: one of WGRAD_TILES, else choose_tiles picks."""
     (m, k), n = a.shape, b.shape[0]
-    tiles = tiles or choose_tiles(m, n, programs)
+    tiles = tiles or choose_tiles(m, n, programs, c.element_size())
     tma_store = c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
     a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
     b_desc = _desc(b, [BLOCK_N, BLOCK_K], gl.float8e4nv)

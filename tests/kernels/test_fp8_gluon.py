@@ -111,7 +111,8 @@ def test_gluon_wgrad_compiles_for_hopper(tmp_path, tiles, out_dtype):
 
 def test_wgrad_dispatch_conditions():
     """wgrad_ok takes scales stored token-block-major with row counts that keep TMA's 16-byte strides; choose_tiles
-    takes the wide tiles for weight-sized outputs, the square ones where few wide tiles would idle most SMs."""
+    takes the wide tiles for weight-sized 16-bit outputs, the square ones where few wide tiles would idle most SMs
+    and for fp32 outputs."""
     a, a_scale, b, b_scale = wgrad_operands(1024, 512, 256)
     assert wgrad_kernel.wgrad_ok(a_scale, b_scale)
     assert not wgrad_kernel.wgrad_ok(a_scale.contiguous(), b_scale)  # row-major (quantize_1x128's layout)
@@ -122,3 +123,6 @@ def test_wgrad_dispatch_conditions():
         assert choose(m, n, 132) is wgrad_kernel.WGRAD_TILES["wide"], (m, n)
     for m, n in [(640, 640), (512, 512), (1024, 1280)]:
         assert choose(m, n, 132) is wgrad_kernel.WGRAD_TILES["square"], (m, n)
+    assert choose(8192, 8192, 132, out_bytes=4) is wgrad_kernel.WGRAD_TILES["square"]  # fp32 outputs
+    c = torch.empty(1024, 512)
+    assert wgrad_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)[2]["HALVES"] == 1
