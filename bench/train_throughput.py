@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def run_case(preset: str, overrides: list[str], steps: int, log_every: int, work
     cmd = [
         sys.executable, "-m", "moetron.train", f"model={preset}", f"trainer.steps={steps}",
         f"logging.log_every={log_every}", "logging.wandb=false", "trainer.eval_every=0",
-        "trainer.checkpoint_every=0", "trainer.resume=none", f"trainer.run_dir={run_dir}", *overrides,
+        "trainer.checkpoint_every=0", "trainer.save_final=false", "trainer.resume=none", f"trainer.run_dir={run_dir}",
+        *overrides,
     ]  # fmt: skip
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -44,6 +46,7 @@ def run_case(preset: str, overrides: list[str], steps: int, log_every: int, work
     record["mem_peak_gb"] = max(r["mem_peak_gb"] for r in rows)
     record["loss_first_last"] = [rows[0]["loss"], rows[-1]["loss"]]
     record["intervals_measured"] = len(rows)
+    shutil.rmtree(run_dir, ignore_errors=True)  # (a large model's run leaves gigabytes: the next case needs the disk)
     return record
 
 
