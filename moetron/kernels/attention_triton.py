@@ -27,7 +27,7 @@ from moetron.kernels.attention_triton_kernels import (
     _bwd_preprocess_kernel,
     _fwd_kernel,
 )
-from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
+from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, next_power_of_2
 from moetron.kernels.ops import dispatch_visible
 
 # Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
@@ -57,11 +57,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and aligned else x.clone(memory_format=torch.contiguous_format)
 
 
-def _scratch(size: int, alignment: int, stream):
-    """Global memory in which kernels build their tensor descriptors."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,7 +74,7 @@ def _forward(
     n_kv, d_v = k.shape[2], v.shape[3]
     n_seqs = cu_q.numel() - 1
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
-    triton.set_allocator(_scratch)
+    triton.set_allocator(device_scratch)
     out = torch.empty(q2.shape[0], n_heads, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n_heads, q2.shape[0], device=q.device, dtype=torch.float32)
     if attention_gluon is not None and attention_gluon.supported(q, k, v):
@@ -139,7 +134,7 @@ def triton_attention_backward(do, q, k, v, out, lse, layout, causal, scale, wind
     cu_q, cu_k, max_q, max_k = layout
     n_seqs = cu_q.numel() - 1
     q2, k2, v2, do2, o2 = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
-    triton.set_allocator(_scratch)
+    triton.set_allocator(device_scratch)
     delta, lse2 = _preprocess(do2, o2, lse)
     if attention_gluon_bwd is not None and attention_gluon_bwd.supported(q, k, v, window):
         return attention_gluon_bwd.gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, window)

@@ -12,8 +12,8 @@ same arithmetic in the same order), so the MMA can overlap it; the autotuner pic
 
 * On sm_90 the dense GEMM with weight-block b-scales and the grouped GEMM go to the warp-specialized Gluon
   kernels (moetron/kernels/fp8_gemm_gluon.py, measured 16-24% and 10-28% faster on the H100), and so does the
-  dense weight-gradient form (1x128 b-scales, token-block-major scales: moetron/kernels/fp8_wgrad_gluon.py,
-  17-39% faster); this kernel serves the grouped weight gradient, other GPUs, the interpreter, and
+  weight-gradient forms, dense and grouped (1x128 b-scales stored token-block-major:
+  moetron/kernels/fp8_wgrad_gluon.py, 15-34% faster); this kernel serves other GPUs, the interpreter, and
   MOETRON_FP8_GLUON=0.
 * Tiles are walked in GROUP_M super-rows, so neighbouring programs share A and B tiles in L2.
 * On Hopper (capability >= 9) operands load through host-side TMA descriptors (zero-filled out of bounds);
@@ -353,8 +353,18 @@ def fp8_grouped_gemm_triton(
 
 
 def fp8_grouped_gemm_wgrad_triton(
-    a_t, a_t_scale, b_t, b_t_scale, group_ends, out_dtype, *, tma: bool | None = None, out=None
+    a_t,
+    a_t_scale,
+    b_t,
+    b_t_scale,
+    group_ends,
+    out_dtype,
+    *,
+    tma: bool | None = None,
+    gluon: bool | None = None,
+    out=None,
 ):
+    """`tma`, `gluon`: force the operand path / the Gluon kernel on or off (tests); None picks."""
     (n, m_pad), k, n_groups = a_t.shape, b_t.shape[0], group_ends.shape[0]
     a_t, b_t = _rows(a_t, b_t)
     c = torch.empty(n_groups, n, k, dtype=out_dtype, device=a_t.device) if out is None else out
@@ -363,6 +373,13 @@ def fp8_grouped_gemm_wgrad_triton(
     if m_pad == 0:
         return c.zero_()
     use_tma = _tma_ok(a_t, b_t) if tma is None else tma
+    if gluon is None:  # picked only when no operand path was forced
+        gluon = tma is None and use_tma and _gluon_ok(c) and c.is_contiguous()
+    if gluon:
+        from moetron.kernels.fp8_wgrad_gluon import fp8_wgrad_gluon, wgrad_ok
+
+        if wgrad_ok(a_t_scale, b_t_scale):
+            return fp8_wgrad_gluon(a_t, a_t_scale, b_t, b_t_scale, c, group_ends=group_ends)
     a_desc, b_desc = _descs(a_t, b_t, use_tma)
     grid = lambda meta: (cdiv(n, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_N"]), n_groups)  # noqa: E731
     _launch_wgrad(

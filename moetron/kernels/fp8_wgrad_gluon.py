@@ -33,13 +33,20 @@ problems): bf16 outputs 789-864 against 639-683 TFLOP/s (1.16-1.34x), fp32 outpu
 against 609-673 (1.15-1.22x). A Gluon version that loaded the b-scales from global memory inside the loop
 (f3c7ebc, reverted) measured 600-685, slower than Triton on most shapes.
 
-Dense only: the grouped weight gradient (one (N, K) per expert, each reducing over its own tokens) stays on the
-Triton kernel. GPU only (no interpreter); tests/kernels/test_fp8_gluon.py compiles it for sm_90a on the CPU.
+Grouped (the MoE experts' weight gradients, fp8_grouped_gemm_wgrad): C[e] (N, K) reduces over expert e's tokens
+[group_ends[e - 1], group_ends[e]), every group starting on a 128-token block. Tiles are numbered expert by
+expert, each with its own K-block range (empty groups store zeros). The tokens past the last group's end may
+hold any bytes (NaN codes included): the loader builds the A and B descriptors on the device with the token
+extent cut at group_ends[-1], so TMA zero-fills them in the last group's partial block. Output rows of a tile
+that run past an expert's N (the next expert's rows) leave through masked stores.
+
+GPU only (no interpreter); tests/kernels/test_fp8_gluon.py compiles it for sm_90a on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -53,12 +60,11 @@ from moetron.kernels.fp8_gemm_gluon import (
     WG_ROWS,
     Tiles,
     _desc,
-    _locate,
     _no_groups,
-    _segments,
+    _smem_layout,
     _store,
 )
-from moetron.kernels.launch import FastLaunch, cdiv
+from moetron.kernels.launch import FastLaunch, cdiv, device_scratch
 
 # Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
 # wide tile, 128 x 256; one of each for the square one, 128 x 128). `speed`: measured relative throughput on
@@ -69,28 +75,57 @@ WGRAD_TILES = {"wide": Tiles(2, 2, 240, 1.08), "square": Tiles(2, 1, 240, 1.0)}
 WGRAD_STAGES = {2: 3, 1: 4}
 WGRAD_LOADER_REGS = 40  # (24 or 32 spill: the loader also places the scale vectors; the first consumer gets 232)
 
+_WG_ROWS, _BLOCK_N, _BLOCK_K = gl.constexpr(WG_ROWS), gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)
 # the scales as flat fp32 vectors, copied in unswizzled runs of `width`: part of one K block's scales per stage
 _SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
 @gluon.jit
-def _loader(a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M, N, k_blocks,
-            STAGES: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
+def _tile(tile, GE, E, M, N, k_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+          GROUP_M: gl.constexpr):  # fmt: skip
+    """Output tile index -> (expert e, first row m0, first column n0, K blocks [kb_lo, kb_hi)). Tiles are numbered
+    expert by expert, and within one GROUP_M row tiles down each column first (neighbours share A and B tiles
+    in L2). Dense (E = 0): one expert, every K block. Grouped: expert e reduces over its tokens
+    [group_ends[e - 1], group_ends[e]), which start on a 128-token block (the caller pads each group)."""
+    n_m, n_n = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N)
+    e, t = tile // (n_m * n_n), tile % (n_m * n_n)
+    width = GROUP_M * n_n
+    first_m = (t // width) * GROUP_M
+    group_rows = gl.minimum(n_m - first_m, GROUP_M)
+    m0, n0 = (first_m + (t % width) % group_rows) * BLOCK_M, (t % width) // group_rows * BLOCK_N
+    start = gl.where(e > 0, gl.load(GE + gl.maximum(e - 1, 0)).to(gl.int32), 0)
+    end = gl.maximum(gl.load(GE + e).to(gl.int32), start)
+    kb_lo = gl.where(E == 0, 0, start // BLOCK_K)
+    kb_hi = gl.where(E == 0, k_blocks, gl.cdiv(end, BLOCK_K))
+    return e, m0, n0, kb_lo, kb_hi
+
+
+@gluon.jit
+def _loader(A, B, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, E, M, N, T, stride_a,
+            stride_b, STAGES: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
     """Producer partition: per K block kb of each of this program's tiles, into stage s: A rows [m0, m0 + BLOCK_M)
-    as 64-row boxes, B rows [n0, n0 + BLOCK_N) as 128-row boxes, and their scales of block kb (one row of each
-    token-block-major scale matrix), all completing ready[s]. TMA zero-fills what lies past the tensors."""
-    WG_ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    as 64-row boxes, B rows [n0, n0 + BLOCK_N) as 128-row boxes, and their scales of block kb (a run of each
+    token-block-major scale vector), all completing ready[s]. The descriptors of A and B are built here, on the
+    device, with the token extent cut at the last group's end: TMA zero-fills the tokens past it in a partial
+    last block (they may hold any bytes, NaN included), and what lies past the tensors."""
+    WG_ROWS: gl.constexpr = a_ring.shape[1]
+    BLOCK_K: gl.constexpr = a_ring.shape[2]
+    BLOCK_N: gl.constexpr = b_ring.shape[1]
     PARTS: gl.constexpr = a_ring.shape[0] // STAGES
     HALVES: gl.constexpr = b_ring.shape[0] // STAGES
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BYTES: gl.constexpr = (PARTS * (a_desc.block_type.nbytes + sa_desc.block_type.nbytes)
-                           + HALVES * b_desc.block_type.nbytes + sb_desc.block_type.nbytes)  # fmt: skip
-    starts, ends, tiles, first_tile = _segments(GE, 0, M, PARTS * WG_ROWS, 2)
+    BYTES: gl.constexpr = (PARTS * WG_ROWS * BLOCK_K + HALVES * BLOCK_N * BLOCK_K
+                           + 4 * (PARTS * sa_desc.block_type.shape[0] + sb_desc.block_type.shape[0]))  # fmt: skip
+    t_end = gl.where(E == 0, T, gl.load(GE + gl.maximum(E - 1, 0)).to(gl.int32))
+    t_end = gl.maximum(t_end, 1)  # (all groups empty: no loads, but a valid descriptor)
+    a_desc = tma.make_tensor_descriptor(A, [M, t_end], [stride_a, 1], [WG_ROWS, BLOCK_K], a_ring.layout)
+    b_desc = tma.make_tensor_descriptor(B, [N, t_end], [stride_b, 1], [BLOCK_N, BLOCK_K], b_ring.layout)
+    k_blocks = gl.cdiv(T, BLOCK_K)
     it = 0
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
-        _, m0, _, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * WG_ROWS, HALVES * BLOCK_N, GROUP_M)
-        for kb in range(k_blocks):
+    n_tiles = gl.maximum(E, 1) * gl.cdiv(M, PARTS * WG_ROWS) * gl.cdiv(N, HALVES * BLOCK_N)
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        _, m0, n0, kb_lo, kb_hi = _tile(tile, GE, E, M, N, k_blocks, PARTS * WG_ROWS, HALVES * BLOCK_N, BLOCK_K,
+                                        GROUP_M)  # fmt: skip
+        for kb in range(kb_lo, kb_hi):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
             mbarrier.expect(ready.index(s), BYTES)
@@ -111,13 +146,14 @@ def _loader(a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, 
 
 
 @gluon.jit
-def _consumer(a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks, stride_cm,
+def _consumer(a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, E, M, N, T, stride_cm,
               WG: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr):  # fmt: skip
     """Consumer partition WG: rows [m0 + 64 WG, m0 + 64 WG + 64) of each of this program's tiles, all of its
-    columns (one or two 128-column halves)."""
+    columns (one or two 128-column halves). Expert e's output rows are rows e M ... of C viewed as (E M, N)."""
     PARTS: gl.constexpr = a_ring.shape[0] // STAGES
     HALVES: gl.constexpr = b_ring.shape[0] // STAGES
     ROWS: gl.constexpr = a_ring.shape[1]
+    BLOCK_K: gl.constexpr = a_ring.shape[2]
     BLOCK_N: gl.constexpr = b_ring.shape[1]
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
@@ -128,16 +164,19 @@ def _consumer(a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, 
     c_smem = c_desc  # (unused without TMA_STORE)
     if TMA_STORE:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+    k_blocks = gl.cdiv(T, BLOCK_K)
+    rows_total = gl.maximum(E, 1) * M  # rows of C viewed as (E M, N)
     it = 0
-    starts, ends, tiles, first_tile = _segments(GE, 0, M, PARTS * ROWS, 2)
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
-        _, m0, _, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * ROWS, HALVES * BLOCK_N, GROUP_M)
-        row0 = m0 + WG * ROWS
+    n_tiles = gl.maximum(E, 1) * gl.cdiv(M, PARTS * ROWS) * gl.cdiv(N, HALVES * BLOCK_N)
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, m0, n0, kb_lo, kb_hi = _tile(tile, GE, E, M, N, k_blocks, PARTS * ROWS, HALVES * BLOCK_N, BLOCK_K,
+                                        GROUP_M)  # fmt: skip
+        row0 = e * M + m0 + WG * ROWS
         rows = row0 + gl.arange(0, ROWS, layout=row_layout)
         acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
         if HALVES == 2:
             acc1 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
-        for _ in range(k_blocks):
+        for _ in range(kb_lo, kb_hi):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a = a_ring.index(s * PARTS + WG)  # (64, 128) e4m3, this warpgroup's rows
@@ -160,26 +199,30 @@ def _consumer(a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, 
                 mbarrier.arrive(empty.index(s))
                 acc += (partial * sb[None, :]) * sa[:, None]
             it += 1
-        row_ok = rows < M
-        _store(acc, c_smem, c_desc, C, rows, row_ok, row0, M, n0, M, N, stride_cm, TMA_STORE)
+        # rows past the expert's M are the next expert's: masked off (they leave through masked stores)
+        row_end = e * M + M
+        row_ok = rows < row_end
+        _store(acc, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0, rows_total, N, stride_cm, TMA_STORE)
         if HALVES == 2:
-            _store(acc1, c_smem, c_desc, C, rows, row_ok, row0, M, n0 + BLOCK_N, M, N, stride_cm, TMA_STORE)
+            _store(acc1, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0 + BLOCK_N, rows_total, N, stride_cm,
+                   TMA_STORE)  # fmt: skip
     if TMA_STORE:
         tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _fp8_wgrad_ws_kernel(
-    a_desc, b_desc, sa_desc, sb_desc, c_desc, C, GE, M, N, K, stride_cm,
-    STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr,
-    HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    A, B, sa_desc, sb_desc, c_desc, C, GE, E, M, N, T, stride_a, stride_b, stride_cm,
+    A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+    TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
     """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
-    C = A @ B^T with 1x128 scales on both operands, by CONSUMERS consumer warpgroups and a loader warp that
-    share a STAGES-deep ring of A and B tiles and their scale vectors."""
-    k_blocks = gl.cdiv(K, a_desc.block_type.shape[1])
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS] + a_desc.block_type.shape, a_desc.layout)
-    b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES * HALVES] + b_desc.block_type.shape, b_desc.layout)
+    C = A @ B^T (E = 0) or, per expert e, of C[e] = A[:, tokens of e] @ B[:, tokens of e]^T, with 1x128 scales
+    on both operands, by CONSUMERS consumer warpgroups and a loader warp that share a STAGES-deep ring of A and
+    B tiles and their scale vectors."""
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS, _WG_ROWS, _BLOCK_K], A_LAYOUT)
+    b_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * HALVES, _BLOCK_N, _BLOCK_K], B_LAYOUT)
     sa_ring = gl.allocate_shared_memory(gl.float32, [STAGES * CONSUMERS] + sa_desc.block_type.shape, sa_desc.layout)
     sb_ring = gl.allocate_shared_memory(gl.float32, [STAGES] + sb_desc.block_type.shape, sb_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -187,34 +230,18 @@ def _fp8_wgrad_ws_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)  # the loader's expect; completes when the bytes have landed
         mbarrier.init(empty.index(s), count=CONSUMERS)  # one arrival per consumer warpgroup
-    if CONSUMERS == 3:
-        gl.warp_specialize(
-            [
-                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
-                             stride_cm, 0, STAGES, GROUP_M, TMA_STORE)),
-                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
-                             stride_cm, 1, STAGES, GROUP_M, TMA_STORE)),
-                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
-                             stride_cm, 2, STAGES, GROUP_M, TMA_STORE)),
-                (_loader, (a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M,
-                           N, k_blocks, STAGES, GROUP_M)),
-            ],
-            [4, 4, 1],
-            [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
-    else:
-        gl.warp_specialize(
-            [
-                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
-                             stride_cm, 0, STAGES, GROUP_M, TMA_STORE)),
-                (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, M, N, k_blocks,
-                             stride_cm, 1, STAGES, GROUP_M, TMA_STORE)),
-                (_loader, (a_desc, b_desc, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, M,
-                           N, k_blocks, STAGES, GROUP_M)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, E, M, N, T, stride_cm, 0,
+                         STAGES, GROUP_M, TMA_STORE)),
+            (_consumer, (a_ring, b_ring, sa_ring, sb_ring, ready, empty, c_desc, C, GE, E, M, N, T, stride_cm, 1,
+                         STAGES, GROUP_M, TMA_STORE)),
+            (_loader, (A, B, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, empty, GE, E, M, N, T,
+                       stride_a, stride_b, STAGES, GROUP_M)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, LOADER_REGS],
+    )  # fmt: skip
 
 
 def _scale_desc(scale: torch.Tensor, width: int) -> TensorDescriptor:
@@ -246,20 +273,26 @@ def choose_tiles(m: int, n: int, programs: int, out_bytes: int = 2) -> Tiles:
     return WGRAD_TILES["square"] if out_bytes > 2 else min(WGRAD_TILES.values(), key=time)
 
 
-def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None):
+def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None, group_ends=None):
     """(grid, args, constexprs) of _fp8_wgrad_ws_kernel for a (M, T) and b (N, T) e4m3, T % 128 == 0, 16-byte
     aligned with 16-byte row strides, their (M, T/128) and (N, T/128) scales passing wgrad_ok, c (M, N) bf16,
-    fp16 or fp32 with a unit column stride. `tiles`: one of WGRAD_TILES, else choose_tiles picks."""
-    (m, k), n = a.shape, b.shape[0]
-    tiles = tiles or choose_tiles(m, n, programs, c.element_size())
-    tma_store = c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
-    a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
-    b_desc = _desc(b, [BLOCK_N, BLOCK_K], gl.float8e4nv)
-    c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
-    grid = (min(cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n), programs),)
-    args = (a_desc, b_desc, _scale_desc(a_scale, WG_ROWS), _scale_desc(b_scale, tiles.block_n), c_desc, c,
-            _no_groups(c.device), m, n, k, c.stride(0))  # fmt: skip
+    fp16 or fp32 with a unit column stride, or grouped (group_ends (E,) int32 or int64, E >= 1, every group
+    starting at a multiple of 128) c (E, M, N) contiguous. `tiles`: one of WGRAD_TILES, else choose_tiles picks."""
+    (m, t), n = a.shape, b.shape[0]
+    n_groups = 0 if group_ends is None else group_ends.shape[0]
+    c2 = c.view(-1, n) if n_groups else c  # (E M, N): expert e's rows e M ...
+    tiles = tiles or choose_tiles(m * max(n_groups, 1), n, programs, c.element_size())
+    tma_store = c2.data_ptr() % 16 == 0 and (c2.stride(0) * c2.element_size()) % 16 == 0
+    # (without the TMA store the kernel never reads c_desc: any descriptor fills the slot)
+    c_desc = _desc(c2, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else _scale_desc(a_scale, WG_ROWS)
+    count = max(n_groups, 1) * cdiv(m, tiles.block_m) * cdiv(n, tiles.block_n)
+    grid = (min(count, programs),)
+    ge = _no_groups(c.device) if group_ends is None else group_ends
+    args = (a, b, _scale_desc(a_scale, WG_ROWS), _scale_desc(b_scale, tiles.block_n), c_desc, c2, ge, n_groups, m, n,
+            t, a.stride(0), b.stride(0), c2.stride(0))  # fmt: skip
     constexprs = dict(
+        A_LAYOUT=_smem_layout((WG_ROWS, BLOCK_K), gl.float8e4nv),
+        B_LAYOUT=_smem_layout((BLOCK_N, BLOCK_K), gl.float8e4nv),
         STAGES=WGRAD_STAGES[tiles.halves],
         GROUP_M=GROUP_M,
         TMA_STORE=tma_store,
@@ -275,12 +308,14 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None)
 _launch = FastLaunch(_fp8_wgrad_ws_kernel)
 
 
-def fp8_wgrad_gluon(a, a_scale, b, b_scale, c, tiles: Tiles | None = None):
-    """c (M, N) = the block-scaled a @ b^T with 1x128 scales on both operands (see kernel_args); returns c."""
+def fp8_wgrad_gluon(a, a_scale, b, b_scale, c, tiles: Tiles | None = None, group_ends=None):
+    """c (M, N) = the block-scaled a @ b^T with 1x128 scales on both operands, or grouped c[e] over the tokens of
+    group e (see kernel_args); returns c. The kernel builds its A and B descriptors on the device."""
     from moetron.kernels.fp8_gemm_triton import _sm_count
 
-    if c.shape[0] and c.shape[1]:
-        grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), tiles)
+    if c.numel():
+        grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), tiles, group_ends)
+        triton.set_allocator(device_scratch)
         _launch(grid, *args, **constexprs)
     return c
 

@@ -165,4 +165,13 @@ class FastLaunch:
         return compiled, meta, tuple(tail), config.pre_hook if config else None
 
 
-__all__ = ["FastLaunch", "cdiv", "next_power_of_2", "signature"]
+def device_scratch(size: int, alignment: int, stream):
+    """Global memory in which kernels build their tensor descriptors on the device: pass to triton.set_allocator
+    before such a launch, in the launching thread (the allocator is per thread, and autograd runs backward
+    passes in threads of its own)."""
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+__all__ = ["FastLaunch", "cdiv", "device_scratch", "next_power_of_2", "signature"]

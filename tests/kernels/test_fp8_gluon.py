@@ -91,17 +91,20 @@ def wgrad_operands(n, k, tokens):
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize("tiles", ["wide", "square"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_gluon_wgrad_compiles_for_hopper(tmp_path, tiles, out_dtype):
-    """The weight-gradient kernel (fp8_wgrad_gluon.py): both tile shapes, 16-bit and fp32 outputs (both leave
-    through the TMA store), within the shared memory, and no spills (a b-scale vector loaded before the MMA's
-    wait, or a 24-register loader, spills)."""
+@pytest.mark.parametrize("n_experts", [0, 8])
+def test_gluon_wgrad_compiles_for_hopper(tmp_path, tiles, out_dtype, n_experts):
+    """The weight-gradient kernel (fp8_wgrad_gluon.py), dense and grouped: both tile shapes, 16-bit and fp32
+    outputs (both leave through the TMA store), within the shared memory, and no spills (a b-scale vector
+    loaded before the MMA's wait, or a 24-register loader, spills)."""
     n, k, tokens = 1156, 2176, 1536
     a, a_scale, b, b_scale = wgrad_operands(n, k, tokens)
     assert wgrad_kernel.wgrad_ok(a_scale, b_scale)
     t = wgrad_kernel.WGRAD_TILES[tiles]
-    c = torch.empty(n, k, dtype=out_dtype)
-    grid, args, constexprs = wgrad_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, tiles=t)
-    assert grid == (min(triton.cdiv(n, t.block_m) * triton.cdiv(k, t.block_n), 132),)
+    group_ends = torch.empty(n_experts, dtype=torch.int32) if n_experts else None
+    c = torch.empty(*((n_experts,) if n_experts else ()), n, k, dtype=out_dtype)
+    grid, args, constexprs = wgrad_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, t, group_ends)
+    tiles_count = max(n_experts, 1) * triton.cdiv(n, t.block_m) * triton.cdiv(k, t.block_n)
+    assert grid == (min(tiles_count, 132),)
     assert constexprs["TMA_STORE"]
     compiled = compile_for_hopper(wgrad_kernel._fp8_wgrad_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
