@@ -68,7 +68,8 @@ from moetron.kernels.launch import FastLaunch, cdiv, device_scratch
 
 # Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
 # wide tile, 128 x 256; one of each for the square one, 128 x 128). `speed`: measured relative throughput on
-# large problems (wide 0-14% faster, median 8%: bench/results/fp8_wgrad_gluon_tiles.json).
+# large problems with bf16 outputs (wide 0-14% faster: median 6% in bench/results/fp8_wgrad_gluon_tiles.json,
+# 9% in fp8_wgrad_gluon_variants_experiment.json).
 WGRAD_TILES = {"wide": Tiles(2, 2, 240, 1.08), "square": Tiles(2, 1, 240, 1.0)}
 # Ring depth per tile shape, the most that fits next to the output staging (fp32 staging is 2 x 32 KB): wide
 # 3 x 48 KB (4 do not fit with bf16 staging either), square 4 x 32 KB, with the scale vectors, of 227 KB.
