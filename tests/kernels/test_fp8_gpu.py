@@ -153,6 +153,15 @@ def assert_accumulation_close(out, ref, bound):
     assert (out.float() - ref.float()).norm() <= 5e-3 * ref.float().norm()
 
 
+def assert_output_close(out, ref, bound):
+    """assert_accumulation_close for fp32 outputs; 16-bit outputs add their rounding (2^-9 relative for bf16)."""
+    if out.dtype == torch.float32:
+        assert_accumulation_close(out, ref, bound)
+    else:
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+
+
 def quantized(m, n, k, b_form="block"):
     qa, sa = fp8.quantize_1x128(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
     b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -211,11 +220,7 @@ def test_gemm_gluon(m, n, k, out_dtype, tiles, monkeypatch):
     out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, gluon=True, out=poison(m, n, dtype=out_dtype))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
     bound = abs_product(qa, sa, qb, sb_rows)
-    if out_dtype == torch.float32:
-        assert_accumulation_close(out, ref, bound)
-    else:  # plus the output rounding (2^-9 relative for bf16)
-        assert torch.isfinite(out).all()
-        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert_output_close(out, ref, bound)
 
 
 def weight_gradient_operands(tokens, n, k):
@@ -237,11 +242,7 @@ def test_gemm_weight_gradient(tokens, n, k, out_dtype):
     out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, out=poison(n, k, dtype=out_dtype))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
     bound = abs_product(qa, sa, qb, sb)
-    if out_dtype == torch.float32:
-        assert_accumulation_close(out, ref, bound)
-    else:
-        assert torch.isfinite(out).all()
-        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert_output_close(out, ref, bound)
     assert torch.equal(fp8.fp8_gemm(qa, sa, qb, sb, out_dtype=out_dtype), out)
 
 
@@ -264,11 +265,7 @@ def test_gemm_gluon_weight_gradient(tokens, n, k, out_dtype, tiles, monkeypatch)
     assert calls == [1]
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
     bound = abs_product(qa, sa, qb, sb)
-    if out_dtype == torch.float32:
-        assert_accumulation_close(out, ref, bound)
-    else:
-        assert torch.isfinite(out).all()
-        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert_output_close(out, ref, bound)
     triton_out = fg.fp8_gemm_triton(qa, sa, qb, sb, torch.float32, gluon=False)
     assert_accumulation_close(out.float(), triton_out, bound)  # the two kernels round the promotion differently
 
@@ -424,11 +421,7 @@ def test_grouped_gemm_gluon(m, n, k, n_experts, past, out_dtype, tiles, monkeypa
     ref = fp8.fp8_grouped_gemm_reference(qa, sa, qb, sb, group_ends, torch.float32)
     assert (out[ends[-1] :] == 0).all()
     bound = grouped_bound(qa, sa, qb, sb, ends)
-    if out_dtype == torch.float32:
-        assert_accumulation_close(out, ref, bound)
-    else:  # plus the output rounding
-        assert torch.isfinite(out).all()
-        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert_output_close(out, ref, bound)
     calls = []
     real = gluon_module.fp8_gemm_gluon
     monkeypatch.setattr(gluon_module, "fp8_gemm_gluon", lambda *a: calls.append(1) or real(*a))
@@ -458,11 +451,7 @@ def check_wgrad(n, k, n_experts, tma=None, gluon=False, out_dtype=torch.float32)
             assert (out[e] == 0).all()
         blocks = slice(s // 128, triton.cdiv(t, 128))
         bound[e] = abs_product(qa[:, s:t], sa[:, blocks], qb[:, s:t], sb[:, blocks])
-    if out_dtype == torch.float32:
-        assert_accumulation_close(out, ref, bound)
-    else:  # plus the output rounding
-        assert torch.isfinite(out).all()
-        assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-8 * bound).all()
+    assert_output_close(out, ref, bound)
 
 
 @pytest.mark.parametrize("config", fg._gemm_configs("wgrad"), ids=config_ids("wgrad"))
