@@ -347,8 +347,8 @@ def _desc(t: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, _smem_layout(tuple(block), dtype))
 
 
-def choose_tiles(m: int, n: int, n_groups: int, programs: int) -> Tiles:
-    """The tile shape (TILES) with the shorter estimated time: a persistent program runs
+def choose_tiles(m: int, n: int, n_groups: int, programs: int, shapes: dict[str, Tiles] = TILES) -> Tiles:
+    """The tile shape (of `shapes`, TILES by default) with the shorter estimated time: a persistent program runs
     ceil(tiles / programs) tiles one after another, each costing its area over the shape's measured speed.
     Large problems take the wide tiles (fewer bytes per output); where the wide tiles would leave a last wave
     mostly idle (few tiles, or N just past a multiple of 256), the narrow ones. Grouped: counted with the
@@ -358,7 +358,7 @@ def choose_tiles(m: int, n: int, n_groups: int, programs: int) -> Tiles:
         count = (cdiv(m, t.block_m) + n_groups) * cdiv(n, t.block_n)
         return cdiv(count, programs) * t.block_m * t.block_n / t.speed
 
-    return min(TILES.values(), key=time)
+    return min(shapes.values(), key=time)
 
 
 def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None):

@@ -64,6 +64,10 @@ from moetron.kernels.fp8_gemm_gluon import (
     _smem_layout,
     _store,
 )
+from moetron.kernels.fp8_gemm_gluon import (
+    choose_tiles as choose_gemm_tiles,
+)
+from moetron.kernels.fp8_gemm_triton import _sm_count
 from moetron.kernels.launch import FastLaunch, cdiv, device_scratch
 
 # Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
@@ -262,16 +266,11 @@ def wgrad_ok(a_scale, b_scale) -> bool:
 
 
 def choose_tiles(m: int, n: int, programs: int, out_bytes: int = 2) -> Tiles:
-    """WGRAD_TILES' shape with the shorter estimated time (as fp8_gemm_gluon.choose_tiles: ceil(tiles / programs)
-    waves of tiles, each costing its area over the shape's measured speed) for 16-bit outputs: wide on large
-    outputs, square where the wide tiles would leave most SMs idle in the last wave. Square for fp32 outputs
-    (`out_bytes` 4): their staging leaves the wide tile a 3-deep ring, and it measured no faster (740-766
-    against 740-789 TFLOP/s)."""
-
-    def time(t: Tiles) -> float:
-        return cdiv(cdiv(m, t.block_m) * cdiv(n, t.block_n), programs) * t.block_m * t.block_n / t.speed
-
-    return WGRAD_TILES["square"] if out_bytes > 2 else min(WGRAD_TILES.values(), key=time)
+    """For 16-bit outputs, WGRAD_TILES' shape with the shorter estimated time (fp8_gemm_gluon.choose_tiles):
+    wide on large outputs, square where the wide tiles would leave most SMs idle in the last wave. Square for
+    fp32 outputs (`out_bytes` 4): their staging leaves the wide tile a 3-deep ring, and it measured no faster
+    (740-766 against 740-789 TFLOP/s)."""
+    return WGRAD_TILES["square"] if out_bytes > 2 else choose_gemm_tiles(m, n, 0, programs, WGRAD_TILES)
 
 
 def kernel_args(a, a_scale, b, b_scale, c, programs, tiles: Tiles | None = None, group_ends=None):
@@ -312,8 +311,6 @@ _launch = FastLaunch(_fp8_wgrad_ws_kernel)
 def fp8_wgrad_gluon(a, a_scale, b, b_scale, c, tiles: Tiles | None = None, group_ends=None):
     """c (M, N) = the block-scaled a @ b^T with 1x128 scales on both operands, or grouped c[e] over the tokens of
     group e (see kernel_args); returns c. The kernel builds its A and B descriptors on the device."""
-    from moetron.kernels.fp8_gemm_triton import _sm_count
-
     if c.numel():
         grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), tiles, group_ends)
         triton.set_allocator(device_scratch)
