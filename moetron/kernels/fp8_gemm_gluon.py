@@ -39,6 +39,12 @@ shared memory and a TMA store (it clips rows past M and columns past N; its comp
 before the staging buffer is written again); fp32 outputs (the staging would not fit next to the ring)
 with masked stores.
 
+The loader builds the A and B descriptors on the device (tma.make_tensor_descriptor, in global scratch that
+triton.set_allocator provides); only C's is built on the host. Each host descriptor cost the launch host time
+(building it, hashing it into the launch signature, encoding it in Triton's launcher), and at 4096^3 the
+GEMM's ~110 us on the GPU were shorter than the ~140 us of host time of a call (bench/results/
+fp8_host_overhead.json).
+
 The kernel is persistent: one program per SM walks output tiles p, p + P, ..., and the ring position runs
 on across tiles, so the loader fetches the next tile's first K blocks while the consumers finish this one
 and store it. Tiles are numbered GROUP_M row tiles down each column first, so the tiles in flight at once
@@ -67,6 +73,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -79,7 +86,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.fp8_gemm_triton import _sm_count
-from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2
+from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, next_power_of_2
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
 BLOCK_N = 128  # one weight scale block: one scalar b-scale per (half) tile and K block
@@ -87,6 +94,7 @@ BLOCK_K = 128  # one scale block: one wgmma group per promotion
 STAGES = 4  # ring depth: narrow 4 x 40 KB + 3 x 16 KB staging = 208 KB; wide 4 x 48 + 2 x 16 = 224 KB
 GROUP_M = 8
 LOADER_REGS = 24
+_WG_ROWS, _BLOCK_N, _BLOCK_K = gl.constexpr(WG_ROWS), gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)  # (in kernels)
 
 
 @dataclass(frozen=True)
@@ -154,17 +162,21 @@ def _locate(tile, starts, ends, tiles, first_tile, N, BLOCK_M: gl.constexpr, BLO
 
 
 @gluon.jit
-def _loader(a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES: gl.constexpr,
+def _loader(A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):  # fmt: skip
     """Producer partition, over this program's tiles: stage s of K block kb holds the tile's A rows
     [m0, m0 + BLOCK_M) as 64-row boxes and its B rows [b_row0, b_row0 + TILE_N) as 128-row boxes; TMA
     zero-fills what lies past the tensors. The ring position `it` runs on across tiles, so the next tile's
-    blocks load during this one's last MMAs and its epilogue."""
-    WG_ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    blocks load during this one's last MMAs and its epilogue. The A and B descriptors are built here, on the
+    device (host-built ones cost the launch ~20 us of host time)."""
+    WG_ROWS: gl.constexpr = a_ring.shape[1]
+    BLOCK_K: gl.constexpr = a_ring.shape[2]
+    BLOCK_N: gl.constexpr = b_ring.shape[1]
     PARTS: gl.constexpr = a_ring.shape[0] // STAGES  # consumers
     HALVES: gl.constexpr = b_ring.shape[0] // STAGES
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    a_desc = tma.make_tensor_descriptor(A, [M, K], [stride_a, 1], [WG_ROWS, BLOCK_K], a_ring.layout)
+    b_desc = tma.make_tensor_descriptor(B, [gl.maximum(E, 1) * N, K], [stride_b, 1], [BLOCK_N, BLOCK_K], b_ring.layout)
+    k_blocks = gl.cdiv(K, BLOCK_K)
     starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * WG_ROWS, BLOCK_E)
     it = 0
     for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
@@ -174,7 +186,7 @@ def _loader(a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks,
         for kb in range(gl.where((seg < E) | (E == 0), k_blocks, 0)):  # (segment E: zeros, no loads)
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
-            mbarrier.expect(ready.index(s), PARTS * a_desc.block_type.nbytes + HALVES * b_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(s), (PARTS * WG_ROWS + HALVES * BLOCK_N) * BLOCK_K)  # (1-byte elements)
             for j in gl.static_range(PARTS):
                 tma.async_copy_global_to_shared(
                     a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j)
@@ -292,17 +304,18 @@ def _masked_store(acc, C, rows, row_ok, n0, N, stride_cm):
 
 @gluon.jit
 def _fp8_gemm_ws_kernel(
-    a_desc, b_desc, c_desc, C, AS, BS, GE, M, N, K, E, stride_cm, stride_as, stride_bse, stride_bs,
-    BLOCK_E: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
-    CONSUMERS: gl.constexpr, HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    A, B, c_desc, C, AS, BS, GE, M, N, K, E, stride_a, stride_b, stride_cm, stride_as, stride_bse, stride_bs,
+    A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr, HALVES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
     """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
     C = A @ B^T (E = 0) or of the grouped product (E >= 1: rows of group e times b[e]^T, B viewed as
     (E * N, K)). Partitions: CONSUMERS consumer warpgroups (the default partition is the first) and a loader
     warp sharing a STAGES-deep shared-memory ring of A and B tiles."""
-    k_blocks = gl.cdiv(K, a_desc.block_type.shape[1])
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS] + a_desc.block_type.shape, a_desc.layout)
-    b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES * HALVES] + b_desc.block_type.shape, b_desc.layout)
+    k_blocks = gl.cdiv(K, _BLOCK_K)
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS, _WG_ROWS, _BLOCK_K], A_LAYOUT)
+    b_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * HALVES, _BLOCK_N, _BLOCK_K], B_LAYOUT)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -317,7 +330,7 @@ def _fp8_gemm_ws_kernel(
                              stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
                              stride_as, stride_bse, stride_bs, 2, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-                (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
+                (_loader, (A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES, GROUP_M,
                            BLOCK_E)),
             ],
             [4, 4, 1],
@@ -330,7 +343,7 @@ def _fp8_gemm_ws_kernel(
                              stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
                              stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-                (_loader, (a_desc, b_desc, a_ring, b_ring, ready, empty, GE, E, M, N, k_blocks, STAGES, GROUP_M,
+                (_loader, (A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES, GROUP_M,
                            BLOCK_E)),
             ],
             [4, 1],
@@ -373,16 +386,18 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     n_groups = 0 if group_ends is None else b.shape[0]
     tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
     tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store else TILES["narrow"])
-    a_desc = _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
-    b_desc = _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv)
-    c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc  # (unused if not)
+    # (without the TMA store the kernel never reads c_desc: one of A fills the slot)
+    c_block, c_dtype = ([WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else ([WG_ROWS, BLOCK_K], gl.float8e4nv)
+    c_desc = _desc(c if tma_store else a, c_block, c_dtype)
     count = (cdiv(m, tiles.block_m) + n_groups) * cdiv(n, tiles.block_n)
     grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
-    args = (a_desc, b_desc, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, c.stride(0), a_scale.stride(0),
-            stride_bse, b_scale.stride(-2))  # fmt: skip
+    args = (a, b, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, a.stride(0), b.stride(-2), c.stride(0),
+            a_scale.stride(0), stride_bse, b_scale.stride(-2))  # fmt: skip
     constexprs = dict(
+        A_LAYOUT=_smem_layout((WG_ROWS, BLOCK_K), gl.float8e4nv),
+        B_LAYOUT=_smem_layout((BLOCK_N, BLOCK_K), gl.float8e4nv),
         BLOCK_E=next_power_of_2(n_groups + 1),
         STAGES=STAGES,
         GROUP_M=GROUP_M,
@@ -409,6 +424,7 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends=None):
     group_ends[-1] zero (see kernel_args for what the operands must be); returns c."""
     if c.shape[0] and c.shape[1]:
         grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), group_ends)
+        triton.set_allocator(device_scratch)  # (the A and B descriptors are built on the device)
         _launch(grid, *args, **constexprs)
     return c
 
