@@ -39,11 +39,11 @@ shared memory and a TMA store (it clips rows past M and columns past N; its comp
 before the staging buffer is written again); fp32 outputs (the staging would not fit next to the ring)
 with masked stores.
 
-The loader builds the A and B descriptors on the device (tma.make_tensor_descriptor, in global scratch that
-triton.set_allocator provides); only C's is built on the host. Each host descriptor cost the launch host time
-(building it, hashing it into the launch signature, encoding it in Triton's launcher), and at 4096^3 the
-GEMM's ~110 us on the GPU were shorter than the ~140 us of host time of a call (bench/results/
-fp8_host_overhead.json).
+Small problems (DEVICE_DESC_FLOPS) have the loader build the A and B descriptors on the device
+(tma.make_tensor_descriptor, in global scratch that triton.set_allocator provides). Each host descriptor costs
+the launch host time (building it, hashing it into the launch signature, encoding it in Triton's launcher), and
+at 4096^3 the GEMM's ~110 us on the GPU were shorter than the ~110-180 us of host time of a call; large problems
+keep host descriptors, which run faster on the GPU (bench/results/fp8_host_overhead.json).
 
 The kernel is persistent: one program per SM walks output tiles p, p + P, ..., and the ring position runs
 on across tiles, so the loader fetches the next tile's first K blocks while the consumers finish this one
@@ -95,6 +95,11 @@ STAGES = 4  # ring depth: narrow 4 x 40 KB + 3 x 16 KB staging = 208 KB; wide 4 
 GROUP_M = 8
 LOADER_REGS = 24
 _WG_ROWS, _BLOCK_N, _BLOCK_K = gl.constexpr(WG_ROWS), gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)  # (in kernels)
+# Problems below this many FLOPs (2 M N K) build the A and B descriptors on the device: ~35 us less host time a
+# call, which decides where a call's ~110-150 us of host time exceed its GPU time (4096^3: ~110 us); larger ones
+# take host descriptors, whose L2 promotion the device-built ones lack (8192^3: 1004-1017 against 1082-1232
+# TFLOP/s; bench/results/fp8_host_overhead.json).
+DEVICE_DESC_FLOPS = 2e11
 
 
 @dataclass(frozen=True)
@@ -162,20 +167,24 @@ def _locate(tile, starts, ends, tiles, first_tile, N, BLOCK_M: gl.constexpr, BLO
 
 
 @gluon.jit
-def _loader(A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):  # fmt: skip
+def _loader(a_src, b_src, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES: gl.constexpr,
+            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, DEVICE_DESC: gl.constexpr):  # fmt: skip
     """Producer partition, over this program's tiles: stage s of K block kb holds the tile's A rows
     [m0, m0 + BLOCK_M) as 64-row boxes and its B rows [b_row0, b_row0 + TILE_N) as 128-row boxes; TMA
     zero-fills what lies past the tensors. The ring position `it` runs on across tiles, so the next tile's
-    blocks load during this one's last MMAs and its epilogue. The A and B descriptors are built here, on the
-    device (host-built ones cost the launch ~20 us of host time)."""
+    blocks load during this one's last MMAs and its epilogue. a_src / b_src: the host's TMA descriptors of A and
+    B, or with DEVICE_DESC the tensors, whose descriptors are built here (see kernel_args)."""
     WG_ROWS: gl.constexpr = a_ring.shape[1]
     BLOCK_K: gl.constexpr = a_ring.shape[2]
     BLOCK_N: gl.constexpr = b_ring.shape[1]
     PARTS: gl.constexpr = a_ring.shape[0] // STAGES  # consumers
     HALVES: gl.constexpr = b_ring.shape[0] // STAGES
-    a_desc = tma.make_tensor_descriptor(A, [M, K], [stride_a, 1], [WG_ROWS, BLOCK_K], a_ring.layout)
-    b_desc = tma.make_tensor_descriptor(B, [gl.maximum(E, 1) * N, K], [stride_b, 1], [BLOCK_N, BLOCK_K], b_ring.layout)
+    a_desc = a_src
+    b_desc = b_src
+    if DEVICE_DESC:
+        a_desc = tma.make_tensor_descriptor(a_src, [M, K], [stride_a, 1], [WG_ROWS, BLOCK_K], a_ring.layout)
+        b_desc = tma.make_tensor_descriptor(b_src, [gl.maximum(E, 1) * N, K], [stride_b, 1], [BLOCK_N, BLOCK_K],
+                                            b_ring.layout)  # fmt: skip
     k_blocks = gl.cdiv(K, BLOCK_K)
     starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * WG_ROWS, BLOCK_E)
     it = 0
@@ -304,10 +313,10 @@ def _masked_store(acc, C, rows, row_ok, n0, N, stride_cm):
 
 @gluon.jit
 def _fp8_gemm_ws_kernel(
-    A, B, c_desc, C, AS, BS, GE, M, N, K, E, stride_a, stride_b, stride_cm, stride_as, stride_bse, stride_bs,
+    a_src, b_src, c_desc, C, AS, BS, GE, M, N, K, E, stride_a, stride_b, stride_cm, stride_as, stride_bse, stride_bs,
     A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr, HALVES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, DEVICE_DESC: gl.constexpr,
 ):  # fmt: skip
     """Persistent: program p computes output tiles p, p + P, ... ((64 CONSUMERS) x (128 HALVES) each) of
     C = A @ B^T (E = 0) or of the grouped product (E >= 1: rows of group e times b[e]^T, B viewed as
@@ -330,8 +339,8 @@ def _fp8_gemm_ws_kernel(
                              stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
                              stride_as, stride_bse, stride_bs, 2, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-                (_loader, (A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES, GROUP_M,
-                           BLOCK_E)),
+                (_loader, (a_src, b_src, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES,
+                           GROUP_M, BLOCK_E, DEVICE_DESC)),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
@@ -343,8 +352,8 @@ def _fp8_gemm_ws_kernel(
                              stride_as, stride_bse, stride_bs, 0, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
                 (_consumer, (a_ring, b_ring, ready, empty, c_desc, C, AS, BS, GE, E, M, N, k_blocks, stride_cm,
                              stride_as, stride_bse, stride_bs, 1, STAGES, GROUP_M, BLOCK_E, TMA_STORE)),
-                (_loader, (A, B, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES, GROUP_M,
-                           BLOCK_E)),
+                (_loader, (a_src, b_src, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a, stride_b, STAGES,
+                           GROUP_M, BLOCK_E, DEVICE_DESC)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -393,7 +402,15 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
-    args = (a, b, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, a.stride(0), b.stride(-2), c.stride(0),
+    device_desc = 2 * m * n * k < DEVICE_DESC_FLOPS
+    if device_desc:
+        a_src, b_src = a, b
+    else:
+        a_src, b_src = (
+            _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv),
+            _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv),
+        )
+    args = (a_src, b_src, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, a.stride(0), b.stride(-2), c.stride(0),
             a_scale.stride(0), stride_bse, b_scale.stride(-2))  # fmt: skip
     constexprs = dict(
         A_LAYOUT=_smem_layout((WG_ROWS, BLOCK_K), gl.float8e4nv),
@@ -406,6 +423,7 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
         HALVES=tiles.halves,
         CONSUMER_REGS=tiles.consumer_regs,
         LOADER_REGS=LOADER_REGS,
+        DEVICE_DESC=device_desc,
         num_warps=4,
     )
     return grid, args, constexprs

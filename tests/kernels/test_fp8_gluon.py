@@ -22,7 +22,10 @@ SHAPES = [("narrow", torch.bfloat16), ("narrow", torch.float32), ("wide", torch.
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize("tiles,out_dtype", SHAPES)
-def test_gluon_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
+@pytest.mark.parametrize("device_desc", [True, False])
+def test_gluon_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype, device_desc, monkeypatch):
+    """Both descriptor paths: built on the device (small problems) and on the host (large ones)."""
+    monkeypatch.setattr(gluon_kernel, "DEVICE_DESC_FLOPS", float("inf") if device_desc else 0.0)
     m, n, k = 1000, 1536, 2048
     a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     b = torch.empty(n, k, dtype=torch.float8_e4m3fn)
@@ -32,6 +35,7 @@ def test_gluon_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
     grid, args, constexprs = gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132, tiles=t)
     assert grid == (min(triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), 132),)  # at most one per SM
     assert constexprs["TMA_STORE"] == (out_dtype == torch.bfloat16)  # fp32 staging would not fit
+    assert constexprs["DEVICE_DESC"] == device_desc and hasattr(args[0], "block_shape") != device_desc
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
     # the consumer warpgroups + the loader warp padded to a warpgroup
     assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
@@ -41,7 +45,9 @@ def test_gluon_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize("tiles,out_dtype", SHAPES)
-def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype):
+@pytest.mark.parametrize("device_desc", [True, False])
+def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype, device_desc, monkeypatch):
+    monkeypatch.setattr(gluon_kernel, "DEVICE_DESC_FLOPS", float("inf") if device_desc else 0.0)
     m, n, k, n_experts = 3000, 1000, 1024, 8
     a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     b = torch.empty(n_experts, n, k, dtype=torch.float8_e4m3fn)

@@ -204,6 +204,13 @@ def force_tiles(monkeypatch, tiles, out_dtype):
     monkeypatch.setattr(gluon_module, "choose_tiles", lambda *args: gluon_module.TILES[tiles])
 
 
+def force_descriptors(monkeypatch, device_desc):
+    """Make the Gluon kernel build its A/B descriptors on the device (else on the host) at every size."""
+    import moetron.kernels.fp8_gemm_gluon as gluon_module
+
+    monkeypatch.setattr(gluon_module, "DEVICE_DESC_FLOPS", float("inf") if device_desc else 0.0)
+
+
 @hopper_only
 @pytest.mark.parametrize("tiles", ["narrow", "wide"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -211,11 +218,14 @@ def force_tiles(monkeypatch, tiles, out_dtype):
     "m,n,k",
     [(1, 128, 128), (70, 96, 384), (193, 200, 2048), (1000, 1536, 1024), (4096, 4096, 4096), (3000, 2112, 7168)],
 )
-def test_gemm_gluon(m, n, k, out_dtype, tiles, monkeypatch):
+@pytest.mark.parametrize("device_desc", [True, False])
+def test_gemm_gluon(m, n, k, out_dtype, tiles, device_desc, monkeypatch):
     """The warp-specialized Gluon kernel, both tile shapes: partial tiles in M (192- or 128-row tiles) and N
     (for the wide tiles, second halves partly or wholly past N), a single K block, 16-bit outputs through the
-    TMA store and fp32 through masked stores, into poisoned buffers."""
+    TMA store and fp32 through masked stores, into poisoned buffers; A/B descriptors built on the device or
+    on the host."""
     force_tiles(monkeypatch, tiles, out_dtype)
+    force_descriptors(monkeypatch, device_desc)
     qa, sa, qb, sb, sb_rows = quantized(m, n, k)
     out = fg.fp8_gemm_triton(qa, sa, qb, sb, out_dtype, gluon=True, out=poison(m, n, dtype=out_dtype))
     ref = fp8.fp8_gemm_reference(qa, sa, qb, sb, torch.float32)
@@ -401,7 +411,8 @@ def test_grouped_gemm_public_bf16():
     [(3000, 1000, 1024, 8, 37), (8192 + 37, 2048, 2048, 16, 37), (2000, 384, 512, 64, 5), (150, 256, 128, 1, 0),
      (4000, 256, 384, 4, 0)],
 )  # fmt: skip
-def test_grouped_gemm_gluon(m, n, k, n_experts, past, out_dtype, tiles, monkeypatch):
+@pytest.mark.parametrize("device_desc", [True, False])
+def test_grouped_gemm_gluon(m, n, k, n_experts, past, out_dtype, tiles, device_desc, monkeypatch):
     """The warp-specialized Gluon grouped kernel, both tile shapes: groups of any size (empty, under 64 rows,
     unaligned: the masked store; whole 64-row slices: the TMA store), rows past the last group (zeros) or
     none, N not a multiple of 128 (and of 256: the wide tiles' second half reads the next expert's rows),
@@ -409,6 +420,7 @@ def test_grouped_gemm_gluon(m, n, k, n_experts, past, out_dtype, tiles, monkeypa
     import moetron.kernels.fp8_gemm_gluon as gluon_module
 
     force_tiles(monkeypatch, tiles, out_dtype)
+    force_descriptors(monkeypatch, device_desc)
 
     group_ends = random_group_ends(m - past, n_experts, n_empty=min(2, n_experts - 1))
     ends = group_ends.tolist()
