@@ -395,21 +395,15 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     n_groups = 0 if group_ends is None else b.shape[0]
     tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
     tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store else TILES["narrow"])
-    # (without the TMA store the kernel never reads c_desc: one of A fills the slot)
-    c_block, c_dtype = ([WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else ([WG_ROWS, BLOCK_K], gl.float8e4nv)
-    c_desc = _desc(c if tma_store else a, c_block, c_dtype)
+    device_desc = 2 * m * n * k < DEVICE_DESC_FLOPS
+    a_desc = None if device_desc and tma_store else _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
+    a_src, b_src = (a, b) if device_desc else (a_desc, _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv))
+    # (without the TMA store the kernel never reads c_desc: A's fills the slot)
+    c_desc = _desc(c, [WG_ROWS, BLOCK_N], _GL_DTYPES[c.dtype]) if tma_store else a_desc
     count = (cdiv(m, tiles.block_m) + n_groups) * cdiv(n, tiles.block_n)
     grid = (min(count, programs),)
     stride_bse = b_scale.stride(0) if n_groups else 0
     ge = _no_groups(c.device) if group_ends is None else group_ends
-    device_desc = 2 * m * n * k < DEVICE_DESC_FLOPS
-    if device_desc:
-        a_src, b_src = a, b
-    else:
-        a_src, b_src = (
-            _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv),
-            _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv),
-        )
     args = (a_src, b_src, c_desc, c, a_scale, b_scale, ge, m, n, k, n_groups, a.stride(0), b.stride(-2), c.stride(0),
             a_scale.stride(0), stride_bse, b_scale.stride(-2))  # fmt: skip
     constexprs = dict(
@@ -442,7 +436,8 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, c, group_ends=None):
     group_ends[-1] zero (see kernel_args for what the operands must be); returns c."""
     if c.shape[0] and c.shape[1]:
         grid, args, constexprs = kernel_args(a, a_scale, b, b_scale, c, _sm_count(c.device), group_ends)
-        triton.set_allocator(device_scratch)  # (the A and B descriptors are built on the device)
+        if constexprs["DEVICE_DESC"]:
+            triton.set_allocator(device_scratch)  # (global scratch for the descriptors the kernel builds)
         _launch(grid, *args, **constexprs)
     return c
 
