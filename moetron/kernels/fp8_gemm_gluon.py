@@ -52,7 +52,9 @@ share A and B tiles in L2.
 
 Grouped (E >= 1 experts): the output rows are cut into segments, the E groups and then the rows past
 group_ends[-1] (zeros), each into ceil(rows / 192) row tiles. Every partition counts them on the device
-from group_ends (no host sync) and finds its tile's segment; a dense GEMM is the case E = 0, one segment.
+from group_ends (no host sync) and finds its tile's segment; a dense GEMM is the case E = 0, one segment. The
+segment search reduces across lanes; its results are marked warp-uniform (_uniform), or ptxas would keep the
+ring position and the wgmma descriptors in vector registers (10-12% slower; docs/gluon_hopper.md, 23).
 A tile's 64-row slices that run past their group's end (into the next group's rows) store through masked
 stores, the others through TMA. Rows past a group's end and B rows past N (the next expert's, or TMA's
 zeros) are multiplied but never stored.
@@ -150,20 +152,30 @@ def _segments(GE, E, M, BLOCK_M: gl.constexpr, BLOCK_E: gl.constexpr):
 
 
 @gluon.jit
+def _uniform(x):
+    """x (an int32 scalar, equal in every thread) marked warp-uniform for ptxas: `redux.sync` writes a uniform
+    register. Values reduced across lanes (gl.sum, associative_scan: shuffles) are not known uniform, and a ring
+    position or loop bound derived from them puts the wgmma descriptors into vector registers (R2UR per K block)."""
+    return gl.inline_asm_elementwise(
+        "redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
 def _locate(tile, starts, ends, tiles, first_tile, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
             GROUP_M: gl.constexpr):  # fmt: skip
     """Output tile index -> (segment, first row, end row of the segment, first column). Tiles are numbered
     GROUP_M row tiles down each column first, so the tiles in flight at once share A and B tiles in L2."""
-    n_m, n_n = gl.sum(tiles, 0), gl.cdiv(N, BLOCK_N)
+    n_m, n_n = _uniform(gl.sum(tiles, 0)), gl.cdiv(N, BLOCK_N)
     width = GROUP_M * n_n
     first_m = (tile // width) * GROUP_M
     group_rows = gl.minimum(n_m - first_m, GROUP_M)  # row tiles in this super-row
     t = first_m + (tile % width) % group_rows  # row tile
     tn = (tile % width) // group_rows  # column tile
-    seg = gl.sum((first_tile + tiles <= t).to(gl.int32), 0)  # the segment holding row tile t
+    seg = _uniform(gl.sum((first_tile + tiles <= t).to(gl.int32), 0))  # the segment holding row tile t
     here = gl.arange(0, starts.shape[0], layout=starts.type.layout) == seg
-    m0 = gl.sum(gl.where(here, starts + (t - first_tile) * BLOCK_M, 0), 0)
-    return seg, m0, gl.sum(gl.where(here, ends, 0), 0), tn * BLOCK_N
+    m0 = _uniform(gl.sum(gl.where(here, starts + (t - first_tile) * BLOCK_M, 0), 0))
+    return seg, m0, _uniform(gl.sum(gl.where(here, ends, 0), 0)), tn * BLOCK_N
 
 
 @gluon.jit
@@ -188,7 +200,7 @@ def _loader(a_src, b_src, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a
     k_blocks = gl.cdiv(K, BLOCK_K)
     starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * WG_ROWS, BLOCK_E)
     it = 0
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _uniform(gl.sum(tiles, 0)) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
         seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * WG_ROWS,
                                        HALVES * BLOCK_N, GROUP_M)  # fmt: skip
         b_row0 = seg * N + n0  # B is (E * N, K): expert seg's rows start at seg * N
@@ -230,7 +242,7 @@ def _consumer(
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     _, _, tiles, _ = _segments(GE, E, M, PARTS * ROWS, BLOCK_E)
     it = 0
-    for tile in range(gl.program_id(0), gl.sum(tiles, 0) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _uniform(gl.sum(tiles, 0)) * gl.cdiv(N, HALVES * BLOCK_N), gl.num_programs(0)):
         # (the segments again, from L2: kept across the K loop they would spill the accumulator's registers)
         starts, ends, tiles, first_tile = _segments(GE, E, M, PARTS * ROWS, BLOCK_E)
         seg, m0, row_end, n0 = _locate(tile, starts, ends, tiles, first_tile, N, PARTS * ROWS, HALVES * BLOCK_N,
@@ -388,13 +400,14 @@ def kernel_args(a, a_scale, b, b_scale, c, programs, group_ends=None, tiles=None
     b_scale (ceil(N/128), K/128), or grouped (group_ends (E,) int32 or int64, E >= 1) b (E, N, K) contiguous
     with b_scale (E, ceil(N/128), K/128); 16-byte aligned bases and row strides, K % 128 == 0, a_scale
     (M, K/128), the scales with unit K-block strides; c (M, N) bf16, fp16 or fp32 with a unit column stride.
-    `tiles`: a Tiles of TILES, else choose_tiles picks, for outputs that leave through the TMA store (the
-    wide tiles' masked stores spill registers: fp32 and unaligned outputs take the narrow ones). The grid:
+    `tiles`: a Tiles of TILES, else choose_tiles picks, for outputs that leave through the TMA store and N a
+    multiple of 16 (otherwise the wide tiles spill registers: the narrow ones). The grid:
     `programs` (one per SM), never more than the worst-case tile count (every group may end in a part tile)."""
     (m, k), n = a.shape, b.shape[-2]
     n_groups = 0 if group_ends is None else b.shape[0]
     tma_store = c.dtype in (torch.bfloat16, torch.float16) and c.data_ptr() % 16 == 0 and (c.stride(0) * 2) % 16 == 0
-    tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store else TILES["narrow"])
+    # (N not a multiple of 16: the wide tiles' consumer spilled registers in its K loop, 74 spill loads/stores)
+    tiles = tiles or (choose_tiles(m, n, n_groups, programs) if tma_store and n % 16 == 0 else TILES["narrow"])
     device_desc = 2 * m * n * k < DEVICE_DESC_FLOPS
     a_desc = None if device_desc and tma_store else _desc(a, [WG_ROWS, BLOCK_K], gl.float8e4nv)
     a_src, b_src = (a, b) if device_desc else (a_desc, _desc(b.view(-1, k), [BLOCK_N, BLOCK_K], gl.float8e4nv))

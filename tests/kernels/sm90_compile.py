@@ -34,6 +34,17 @@ def compile_for_hopper(kernel, args, constexprs):
     return triton.compile(source(kernel, signature, consts, attrs), target=target, options=options.__dict__)
 
 
+def sass(compiled) -> str:
+    """The compiled kernel's SASS (nvdisasm of its cubin, shipped with Triton next to ptxas)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        nvdisasm = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+        return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
 def spill_bytes(compiled, tmp_path) -> list[int]:
     """Spill store and load byte counts ptxas reports for the compiled kernel's PTX."""
     ptx = tmp_path / "kernel.ptx"

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import triton
-from sm90_compile import PTXAS, SMEM_LIMIT, compile_for_hopper, spill_bytes
+from sm90_compile import PTXAS, SMEM_LIMIT, compile_for_hopper, sass, spill_bytes
 
 gluon_kernel = pytest.importorskip("moetron.kernels.fp8_gemm_gluon")
 
@@ -64,14 +64,18 @@ def test_gluon_grouped_gemm_compiles_for_hopper(tmp_path, tiles, out_dtype, devi
     compiled = compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 4 * (t.consumers + 1)
     assert compiled.metadata.shared <= SMEM_LIMIT
-    # The segment vectors (E + 1 groups) and the tile loop cost the consumers a few registers past their budget:
-    # ptxas spills under 100 bytes (measured at Triton 3.6, E = 8; the GPU benchmark includes them). Guard it.
-    assert max(spill_bytes(compiled, tmp_path)) <= 128
+    assert not any(spill_bytes(compiled, tmp_path))
+    # The tile's segment comes from cross-lane reductions; unless it is marked warp-uniform (_uniform), ptxas
+    # computes the ring position and every wgmma descriptor in vector registers and copies them into uniform
+    # ones each K block (R2UR): 85-136 R2UR in all against the dense build's 43-56, and 10-12% slower on the H100.
+    dense = gluon_kernel.kernel_args(a, a_scale, b[0], b_scale[0], c, 132, tiles=t)
+    dense_sass = sass(compile_for_hopper(gluon_kernel._fp8_gemm_ws_kernel, *dense[1:]))
+    assert sass(compiled).count("R2UR") <= dense_sass.count("R2UR")
 
 
 def test_choose_tiles():
     """Wide tiles for large problems; narrow where the wide ones would leave the last wave mostly idle (few
-    tiles, N just past a multiple of 256); narrow for outputs without the TMA store (fp32)."""
+    tiles, N just past a multiple of 256); narrow for outputs without the TMA store (fp32) and N % 16 != 0."""
     choose = gluon_kernel.choose_tiles
     for m, n, n_groups in [(4096, 4096, 0), (8192, 8192, 0), (16384, 2048, 0), (16384, 7168, 0), (16384, 7168, 32)]:
         assert choose(m, n, n_groups, 132) is gluon_kernel.TILES["wide"], (m, n, n_groups)
@@ -83,6 +87,10 @@ def test_choose_tiles():
     for out_dtype, consumers in [(torch.bfloat16, 2), (torch.float32, 3)]:
         c = torch.empty(m, n, dtype=out_dtype)
         assert gluon_kernel.kernel_args(a, a_scale, b, b_scale, c, 132)[2]["CONSUMERS"] == consumers
+    # N not a multiple of 16: the wide consumer spilled in its K loop (74 spill loads/stores), so narrow
+    n = 8200
+    b, b_scale, c = b[:1].expand(n, k).contiguous(), torch.empty(triton.cdiv(n, 128), k // 128), torch.empty(m, n)
+    assert gluon_kernel.kernel_args(a, a_scale, b, b_scale, c.bfloat16(), 132)[2]["CONSUMERS"] == 3
 
 
 wgrad_kernel = pytest.importorskip("moetron.kernels.fp8_wgrad_gluon")
