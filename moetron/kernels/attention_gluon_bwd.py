@@ -113,9 +113,29 @@ def gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, wi
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dkdv, dqk = kernel_args(do, q, k, v, lse2, delta, dq, dk, dv, layout, causal, scale, window)
-    for launch, (grid, args, kw) in ((_launch_dkdv, dkdv), (_launch_dq, dqk)):
-        launch(grid, *args, **kw)
+    (grid, args, kw), (dq_grid, dq_args, dq_kw) = dkdv, dqk
+    if not OVERLAP:
+        _launch_dkdv(grid, *args, **kw)
+        _launch_dq(dq_grid, *dq_args, **dq_kw)
+        return dq, dk, dv
+    # The kernels are independent: the dQ kernel runs on a side stream, so its programs fill the SMs that the
+    # dK/dV kernel's last wave leaves idle (and the other way round).
+    main = torch.cuda.current_stream(q.device)
+    side = _side_stream(q.device)
+    side.wait_stream(main)
+    _launch_dkdv(grid, *args, **kw)
+    with torch.cuda.stream(side):
+        _launch_dq(dq_grid, *dq_args, **dq_kw)
+    main.wait_stream(side)
     return dq, dk, dv
+
+
+OVERLAP = True
+
+
+@functools.cache
+def _side_stream(device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 __all__ = ["gluon_attention_backward", "kernel_args", "supported"]
