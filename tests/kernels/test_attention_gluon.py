@@ -96,4 +96,7 @@ def test_gluon_backward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window)
         compiled = compile_for_hopper(kernel, args, constexprs)
         assert compiled.metadata.num_warps == 12
         assert compiled.metadata.shared <= SMEM_LIMIT
-        assert not any(spill_bytes(compiled, tmp_path))
+        # Head dim 64's dK/dV kernel (128-query blocks) spills 8 bytes in its epilogue, after the main loop; the
+        # 64-query blocks it replaced spilled none and ran 3-12% slower (attention_bwd_hd64_experiment.json).
+        allowed = 8 if (kernel is bwd._dkdv_kernel and d_qk == 64) else 0
+        assert max(spill_bytes(compiled, tmp_path)) <= allowed
