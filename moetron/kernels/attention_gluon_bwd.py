@@ -1,6 +1,7 @@
 """Launcher of the warp-specialized Gluon attention backward for Hopper (the kernels and how they work:
 moetron/kernels/attention_gluon_bwd_kernels.py): tile configurations per head-dim pair, the tensor
-descriptors over (tokens, heads * dim) views, and the rule for when it serves an input.
+descriptors over (tokens, heads * dim) views, the rule for when it serves an input, and the launch of the two
+(independent) kernels on two streams, so that each fills the SMs the other's last wave leaves idle.
 """
 
 from __future__ import annotations
