@@ -77,7 +77,7 @@ def test_supported_rules(monkeypatch):
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize(
     "d_qk,d_v,causal,window",
-    [(64, 64, False, None), (128, 128, True, None), (128, 128, False, 200), (192, 128, True, None)],
+    [(64, 64, False, None), (64, 64, True, None), (128, 128, True, None), (128, 128, False, 200), (192, 128, True, None)],
 )
 def test_gluon_backward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window):
     from moetron.kernels import attention_gluon_bwd as bwd
@@ -96,7 +96,8 @@ def test_gluon_backward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window)
         compiled = compile_for_hopper(kernel, args, constexprs)
         assert compiled.metadata.num_warps == 12
         assert compiled.metadata.shared <= SMEM_LIMIT
-        # Head dim 64's dK/dV kernel (128-query blocks) spills 8 bytes in its epilogue, after the main loop; the
-        # 64-query blocks it replaced spilled none and ran 3-12% slower (attention_bwd_hd64_experiment.json).
-        allowed = 8 if (kernel is bwd._dkdv_kernel and d_qk == 64) else 0
+        # Head dim 64's dK/dV kernel (128-query blocks) spills a few scalars: none here without a mask, 8 bytes in
+        # the epilogue at other shapes, 16 causal; the 64-query blocks it replaced spilled none and ran 4-17% slower
+        # (bench/results/attention_bwd_hd64_experiment.json).
+        allowed = 16 if (kernel is bwd._dkdv_kernel and d_qk == 64) else 0
         assert max(spill_bytes(compiled, tmp_path)) <= allowed
