@@ -77,7 +77,13 @@ def test_supported_rules(monkeypatch):
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build ships no ptxas")
 @pytest.mark.parametrize(
     "d_qk,d_v,causal,window",
-    [(64, 64, False, None), (64, 64, True, None), (128, 128, True, None), (128, 128, False, 200), (192, 128, True, None)],
+    [
+        (64, 64, False, None),
+        (64, 64, True, None),
+        (128, 128, True, None),
+        (128, 128, False, 200),
+        (192, 128, True, None),
+    ],
 )
 def test_gluon_backward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window):
     from moetron.kernels import attention_gluon_bwd as bwd
