@@ -17,6 +17,7 @@ from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel, _
 from moetron.kernels.launch import FastLaunch, cdiv
 
 BLOCK = 2 * WG_ROWS  # key rows per dK/dV program, query rows per dQ program
+OVERLAP = True  # the dQ kernel on a side stream, beside the dK/dV kernel (False: one stream, for A/B runs)
 
 # Per (D_QK, D_V): dK/dV query block BM, its ring depth; dQ key block BN, its ring depth. Head dim 64 takes
 # 128-query blocks (its 64-column dK/dV accumulators leave room for 64 x 128 S^T and dP^T): +10-17% over 64.
@@ -132,9 +133,6 @@ def gluon_attention_backward(do, q, k, v, lse2, delta, layout, causal, scale, wi
         _launch_dq(dq_grid, *dq_args, **dq_kw)
     main.wait_stream(side)
     return dq, dk, dv
-
-
-OVERLAP = True
 
 
 @functools.cache
