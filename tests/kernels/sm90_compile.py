@@ -55,3 +55,17 @@ def spill_bytes(compiled, tmp_path) -> list[int]:
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert spills, log
     return spills
+
+
+def inner_loops(sass_text: str) -> list[str]:
+    """The bodies of the innermost loops of a kernel's SASS: the code from a label to a branch back to it,
+    holding no other such loop."""
+    lines = sass_text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return ["\n".join(lines[a : b + 1]) for a, b in inner]
