@@ -285,8 +285,8 @@ def _consumer(
                 rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
                 mbarrier.wait(q_ready, n_done & 1)
 
-                # Block lo alone: its softmax has no P V product to hide behind. Always masked (cheap, and
-                # right whatever it holds).
+                # Block lo alone: its softmax has no P V product to hide behind. Masked if any of its scores
+                # needs it.
                 s = c % STAGES
                 mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
                 zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
@@ -297,8 +297,12 @@ def _consumer(
                 mbarrier.arrive(k_empty.index(s))
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
                 l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
-                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
-                                              True, CAUSAL, HAS_WINDOW)  # fmt: skip
+                if lo + BLOCK_N <= full:
+                    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
+                                                  False, CAUSAL, HAS_WINDOW)  # fmt: skip
+                else:
+                    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
+                                                  True, CAUSAL, HAS_WINDOW)  # fmt: skip
                 p_op = gl.convert_layout(_pack16(p, q_tile.dtype), p_layout)
                 acc = gl.zeros([ROWS, D_V], gl.float32, layout=o_layout)
                 c += 1
