@@ -2,21 +2,23 @@
 
 The same arithmetic as the Triton forward (moetron/kernels/attention_triton_kernels.py: online softmax
 over key blocks in log2 units, fp32 accumulation, logsumexp saved for the backward), organized the way
-FlashAttention-3 (Shah et al. 2024) organizes it on Hopper. Each program owns 128 query rows of one head
-(192 for head dim 64 without a mask: three consumer warpgroups) and is split into partitions that run
-concurrently on the SM:
+FlashAttention-3 (Shah et al. 2024) organizes it on Hopper. A work item is a block of 128 query rows of
+one head (192 for head dim 64 without a window: three consumer warpgroups); each program is split into
+partitions that run concurrently on the SM:
 
-* a loader (1 warp): TMA copies of the two 64-row query tiles once, then of the key and value tiles of
-  every key block into a STAGES-deep ring of shared memory; `k_ready[s]`/`v_ready[s]` complete when
-  stage s has landed, `k_empty[s]`/`v_empty[s]` when both consumers are done reading it;
-* two consumer warpgroups (4 warps each), each owning 64 query rows. Per key block j a consumer issues
+* a loader (1 warp): takes the next item from a counter shared by the programs, TMA-copies its query
+  tiles (two buffers, so the next item's arrive during this one; one for head dim 192) and then the key
+  and value tiles of its key blocks into a STAGES-deep ring of shared memory; `k_ready[s]`/`v_ready[s]`
+  complete when stage s has landed, `k_empty[s]`/`v_empty[s]` when every consumer is done reading it;
+* two or three consumer warpgroups (4 warps each), each owning 64 query rows. Per key block j a consumer issues
   S_j = Q K_j^T and, behind it, O += P_{j-1} V_{j-1} (both asynchronous wgmma), waits for S_j only,
   computes the softmax of block j on the CUDA cores while the P V product runs on the tensor cores,
   then waits for it and rescales O. That is FlashAttention-3's intra-warpgroup overlap; the two
   warpgroups drift apart, so one's softmax also overlaps the other's matrix products.
 
-Masks: only the blocks that need one pay for it (the causal diagonal, windows, the partial last block);
-causal programs run longest-first (the last query block first) so that the short ones fill the tail.
+Masks: only the blocks that need one pay for it (the causal diagonal, windows, the partial last block),
+and a warpgroup skips the item's key blocks past its own rows' diagonal. Causal items run longest first
+and programs take them as they finish (dynamic scheduling), so the short ones fill the tail.
 Batches are variable-length sequences as in the Triton kernels (cu_q, cu_k row offsets of the flattened
 (tokens, heads, dim) tensors). Tiles are read through host tensor descriptors over (tokens, heads * dim):
 rows past a sequence belong to the next one, so keys past k_len are masked and query rows past q_len
@@ -48,15 +50,23 @@ BLOCK_N = 128  # keys per block
 REGS = {2: (232, 32), 3: (160, 24)}
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
 LOG2E = 1.4426950408889634
+L2_SECTION = 32 << 20  # bytes of keys and values the causal item order keeps live in L2 (see _item)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 def _consumers(d_qk: int, d_v: int, causal: bool, window) -> int:
-    """Consumer warpgroups: three (192 query rows a program) for head dim 64 without a mask, whose 64 x 64 O
-    accumulator leaves the registers for a third (measured 3-6% faster than two on the H100); two (128 rows)
-    otherwise: at 160 registers the causal and window masks spill and ran at half speed
-    (bench/results/attention_hd64_experiment.json)."""
-    return 3 if max(d_qk, d_v) <= 64 and not causal and window is None else 2
+    """Consumer warpgroups: three (192 query rows an item) for head dim 64 without a window, whose 64 x 64 O
+    accumulator leaves the registers for a third (non-causal: 3-6% faster than two on the H100; causal, now
+    that each warpgroup stops at its own diagonal and items are scheduled dynamically: 0-4%,
+    bench/results/attention_sched_experiment.json); two (128 rows) otherwise: at 160 registers the window
+    masks spill (bench/results/attention_hd64_experiment.json)."""
+    return 3 if max(d_qk, d_v) <= 64 and window is None else 2
+
+
+def _q_bufs(d_qk: int) -> int:
+    """Query-tile buffers: two (the loader fetches the next item's query tiles while this item runs) where
+    they fit next to the key/value ring; MLA's 192-wide tiles keep one."""
+    return 2 if d_qk <= 128 else 1
 
 
 def _stages(d_qk: int, d_v: int) -> int:
@@ -87,39 +97,68 @@ def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 
 @gluon.jit
-def _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """Half `half` of work unit u -> (head, first query and key rows of its sequence, their lengths, first
-    query of its block). Query blocks of one head are consecutive units (they share keys and values in
-    L2). Causal units pair query block j with block n - 1 - j, longest first: every unit then costs
-    about the same n + 1 key blocks, so handing units out round-robin balances the programs (blocks
-    handed out alone would give some programs mostly long blocks and others mostly short ones).
-    A unit's second half that repeats its first (the middle block of an odd count) gets m0 = 2^30:
-    past every sequence, skipped."""
+def _item(t, n_q_blocks, n_heads, n_bh, section, cu_q, cu_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """Work item t -> (head, first query and key rows of its sequence, their lengths, first query of its
+    block). Without a mask the query blocks of one (sequence, head) are consecutive items: they share its
+    keys and values in L2. Causal items run longest first, within sections of `section` (sequence, head)
+    pairs whose keys and values fit in L2 together: the last query block of each pair of the section, then
+    the one before, ... Programs take items as they finish (_loader), so the short ones at the end fill
+    the tail."""
     if CAUSAL:
-        per_head = (n_q_blocks + 1) // 2
-        j = u % per_head
-        bh = u // per_head
-        pid_m = (n_q_blocks - 1 - j) * (1 - half) + j * half
-        m0 = gl.where((half == 0) | (j != n_q_blocks - 1 - j), pid_m * BLOCK_M, 1 << 30)
+        per_section = section * n_q_blocks
+        first = t // per_section * section  # the section's first (sequence, head)
+        heads = gl.minimum(section, n_bh - first)
+        r = t % per_section
+        bh = first + r % heads
+        pid_m = n_q_blocks - 1 - r // heads
     else:
-        bh = u // n_q_blocks
-        m0 = u % n_q_blocks * BLOCK_M
+        bh = t // n_q_blocks
+        pid_m = t % n_q_blocks
     b = bh // n_heads
     q_start = gl.load(cu_q + b)
     k_start = gl.load(cu_k + b)
-    return bh % n_heads, q_start, k_start, gl.load(cu_q + b + 1) - q_start, gl.load(cu_k + b + 1) - k_start, m0
+    q_len = gl.load(cu_q + b + 1) - q_start
+    return bh % n_heads, q_start, k_start, q_len, gl.load(cu_k + b + 1) - k_start, pid_m * BLOCK_M
+
+
+@gluon.jit
+def _put_item(slot, h, q_start, k_start, q_len, k_len, m0):
+    """Store a work item's (head, q_start, k_start, q_len, k_len, m0) in shared memory for the consumers
+    (h = -1: no item left). Every thread holds all eight words, so every thread's store writes them."""
+    layout: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    k = gl.arange(0, 8, layout=layout)
+    words = gl.where(k == 0, h, gl.where(k == 1, q_start, gl.where(k == 2, k_start, gl.where(k == 3, q_len,
+                     gl.where(k == 4, k_len, m0)))))  # fmt: skip
+    slot.store(words)
+
+
+@gluon.jit
+def _get_item(slot):
+    """The work item _put_item stored in slot: each thread reads the eight words and picks them apart in its
+    own registers."""
+    layout: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    k = gl.arange(0, 8, layout=layout)
+    words = slot.load(layout)
+    return (gl.sum(gl.where(k == 0, words, 0), 0), gl.sum(gl.where(k == 1, words, 0), 0),
+            gl.sum(gl.where(k == 2, words, 0), 0), gl.sum(gl.where(k == 3, words, 0), 0),
+            gl.sum(gl.where(k == 4, words, 0), 0), gl.sum(gl.where(k == 5, words, 0), 0))  # fmt: skip
 
 
 @gluon.jit
 def _loader(
-    Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-    cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads, group, window, n_q_blocks, n_units,
+    Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty, v_ready,
+    v_empty, cu_q, cu_k, next_item, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads, group, window,
+    n_q_blocks, n_bh, section,
     D_QK: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
 ):  # fmt: skip
-    """Producer partition: for each work item, both warpgroups' query tiles (once the previous item's last
-    Q K^T is done), then key block j's K and V into ring stage c % STAGES (c counts blocks over items).
+    """Producer partition: takes work items (the program id, then programs + an atomic counter's count) and,
+    for each, writes it to shared memory for the consumers and copies its query tiles (into buffer
+    n_done % Q_BUFS, once the consumers' Q K^T products of the item that used it last are done), then key
+    block j's K and V into ring stage c % STAGES (c counts blocks over items).
     Query/key tiles of head dim 192 come in two column pieces, 128 + 64 wide (TMA boxes are powers of
     two): the tail tiles. The descriptors are built here, on the device, once per program."""
+    Q_BUFS: gl.constexpr = q_ready.shape[0]
+    PARTS: gl.constexpr = q_tiles.shape[0] // Q_BUFS  # consumer warpgroups
     ROWS: gl.constexpr = q_tiles.shape[1]
     MAIN: gl.constexpr = q_tiles.shape[2]
     TAIL: gl.constexpr = D_QK > MAIN
@@ -135,41 +174,51 @@ def _loader(
                                              qt_tiles.layout)  # fmt: skip
         kt_desc = tma.make_tensor_descriptor(K, [total_k, n_heads // group * D_QK], [stride_kt, 1],
                                              [BLOCK_N, D_QK - MAIN], kt_ring.layout)  # fmt: skip
-    PARTS: gl.constexpr = q_tiles.shape[0]  # consumer warpgroups
     q_bytes: gl.constexpr = PARTS * ROWS * D_QK * Q.dtype.element_ty.primitive_bitwidth // 8
     k_bytes: gl.constexpr = BLOCK_N * D_QK * K.dtype.element_ty.primitive_bitwidth // 8
     v_bytes: gl.constexpr = BLOCK_N * D_V * V.dtype.element_ty.primitive_bitwidth // 8
     c = 0
     n_done = 0
-    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-        for half in range(2 if CAUSAL else 1):
-            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, PARTS * ROWS,
-                                                          CAUSAL)  # fmt: skip
-            if m0 < q_len:
-                lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                          1)  # fmt: skip
-                q_col = h * D_QK
-                k_col = h // group * D_QK
-                mbarrier.wait(q_empty, (n_done & 1) ^ 1)  # the first item finds the query tiles free
-                mbarrier.expect(q_ready, q_bytes)
-                for w in gl.static_range(PARTS):
-                    tma.async_copy_global_to_shared(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready, q_tiles.index(w))
-                    if TAIL:
-                        tma.async_copy_global_to_shared(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN], q_ready,
-                                                        qt_tiles.index(w))  # fmt: skip
-                for n0 in range(k_start + lo, k_start + hi, BLOCK_N):
-                    s = c % STAGES
-                    free = ((c // STAGES) & 1) ^ 1  # the first lap finds every stage free
-                    mbarrier.wait(k_empty.index(s), free)
-                    mbarrier.expect(k_ready.index(s), k_bytes)
-                    tma.async_copy_global_to_shared(k_desc, [n0, k_col], k_ready.index(s), k_ring.index(s))
-                    if TAIL:
-                        tma.async_copy_global_to_shared(kt_desc, [n0, k_col + MAIN], k_ready.index(s), kt_ring.index(s))
-                    mbarrier.wait(v_empty.index(s), free)
-                    mbarrier.expect(v_ready.index(s), v_bytes)
-                    tma.async_copy_global_to_shared(v_desc, [n0, h // group * D_V], v_ready.index(s), v_ring.index(s))
-                    c += 1
-                n_done += 1
+    t = gl.program_id(0)
+    while t < n_bh * n_q_blocks:
+        t_next = gl.num_programs(0) + gl.atomic_add(next_item, 1)  # (its latency hides behind this item's copies)
+        h, q_start, k_start, q_len, k_len, m0 = _item(t, n_q_blocks, n_heads, n_bh, section, cu_q, cu_k, PARTS * ROWS,
+                                                      CAUSAL)  # fmt: skip
+        if m0 < q_len:
+            lo, full, hi = _key_range(m0, k_len, k_len - q_len, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                      1)  # fmt: skip
+            q_col = h * D_QK
+            k_col = h // group * D_QK
+            qb = n_done % Q_BUFS
+            # the first lap finds the query buffers free
+            mbarrier.wait(q_empty.index(qb), ((n_done // Q_BUFS) & 1) ^ 1)
+            _put_item(items.index(qb), h, q_start, k_start, q_len, k_len, m0)  # for the consumers
+            mbarrier.expect(q_ready.index(qb), q_bytes)
+            for w in gl.static_range(PARTS):
+                tma.async_copy_global_to_shared(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready.index(qb),
+                                                q_tiles.index(qb * PARTS + w))  # fmt: skip
+                if TAIL:
+                    tma.async_copy_global_to_shared(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN],
+                                                    q_ready.index(qb), qt_tiles.index(qb * PARTS + w))  # fmt: skip
+            for n0 in range(k_start + lo, k_start + hi, BLOCK_N):
+                s = c % STAGES
+                free = ((c // STAGES) & 1) ^ 1  # the first lap finds every stage free
+                mbarrier.wait(k_empty.index(s), free)
+                mbarrier.expect(k_ready.index(s), k_bytes)
+                tma.async_copy_global_to_shared(k_desc, [n0, k_col], k_ready.index(s), k_ring.index(s))
+                if TAIL:
+                    tma.async_copy_global_to_shared(kt_desc, [n0, k_col + MAIN], k_ready.index(s), kt_ring.index(s))
+                mbarrier.wait(v_empty.index(s), free)
+                mbarrier.expect(v_ready.index(s), v_bytes)
+                tma.async_copy_global_to_shared(v_desc, [n0, h // group * D_V], v_ready.index(s), v_ring.index(s))
+                c += 1
+            n_done += 1
+        t = t_next
+    # No item left: the consumers read head -1.
+    qb = n_done % Q_BUFS
+    mbarrier.wait(q_empty.index(qb), ((n_done // Q_BUFS) & 1) ^ 1)
+    _put_item(items.index(qb), -1, 0, 0, 0, 0, 0)
+    mbarrier.arrive(q_ready.index(qb))
 
 
 @gluon.jit
@@ -255,13 +304,15 @@ def _block(
 
 @gluon.jit
 def _consumer(
-    q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, LSE,
-    cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window, n_q_blocks, n_units, scale_log2,
+    q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out,
+    LSE, stride_ot, stride_oh, stride_lh, window, scale_log2,
     WG: gl.constexpr, D_QK: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
 ):  # fmt: skip
-    """Consumer partition WG: query rows [m0 + 64 WG, m0 + 64 WG + 64) of each work item's block."""
+    """Consumer partition WG: query rows [m0 + 64 WG, m0 + 64 WG + 64) of each work item the loader hands
+    out, until it hands out head -1."""
+    Q_BUFS: gl.constexpr = q_ready.shape[0]
+    PARTS: gl.constexpr = q_tiles.shape[0] // Q_BUFS  # consumer warpgroups
     ROWS: gl.constexpr = q_tiles.shape[1]
-    PARTS: gl.constexpr = q_tiles.shape[0]  # consumer warpgroups
     TAIL: gl.constexpr = D_QK > q_tiles.shape[2]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D_V: gl.constexpr = v_ring.shape[2]
@@ -271,107 +322,132 @@ def _consumer(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, D_V, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
-    q_tile = q_tiles.index(WG)  # (64, D_QK), or its first 128 columns (TAIL)
-    qt_tile = qt_tiles.index(WG)  # (64, 64): columns 128..191 (TAIL; unused otherwise)
     c = 0  # key blocks consumed so far, over all items: the ring position
     n_done = 0
-    for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
-        for half in range(2 if CAUSAL else 1):
-            h, q_start, k_start, q_len, k_len, m0 = _tile(u, half, n_q_blocks, n_heads, cu_q, cu_k, PARTS * ROWS,
-                                                          CAUSAL)  # fmt: skip
-            if m0 < q_len:
-                offset = k_len - q_len
-                lo, full, hi = _key_range(m0, k_len, offset, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
-                rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
-                mbarrier.wait(q_ready, n_done & 1)
+    mbarrier.wait(q_ready.index(0), 0)
+    h, q_start, k_start, q_len, k_len, m0 = _get_item(items.index(0))  # the loader's item; h = -1: none left
+    while h >= 0:
+        qb = n_done % Q_BUFS
+        q_tile = q_tiles.index(qb * PARTS + WG)  # (64, D_QK), or its first 128 columns (TAIL)
+        qt_tile = qt_tiles.index(qb * PARTS + WG)  # (64, 64): columns 128..191 (TAIL; unused otherwise)
+        offset = k_len - q_len
+        lo, full, hi = _key_range(m0, k_len, offset, window, PARTS * ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
+        # This warpgroup's rows may be done before the item's last key blocks (causal: the blocks past
+        # their diagonal) or lie past q_len (then every block): it runs [lo, hi_wg), unmasked up to
+        # full_wg, and only releases the ring stages of the blocks after.
+        m0_wg = m0 + WG * ROWS
+        _, full_wg, hi_wg = _key_range(m0_wg, k_len, offset, window, ROWS, BLOCK_N, CAUSAL, HAS_WINDOW, 1)
+        if HAS_WINDOW:
+            full_wg = lo  # every block of a window is masked
+        hi_wg = gl.where(m0_wg < q_len, gl.minimum(hi_wg, hi), lo)
+        full_wg = gl.minimum(gl.maximum(full_wg, lo), hi_wg)
+        rows = m0_wg + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,) positions
+        if hi_wg > lo:
+            # Block lo alone: its softmax has no P V product to hide behind. Masked if any of its scores
+            # needs it.
+            s = c % STAGES
+            mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
+            zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+            scores = warpgroup_mma(q_tile, k_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=TAIL)
+            if TAIL:
+                scores = warpgroup_mma(qt_tile, kt_ring.index(s).permute((1, 0)), scores, is_async=True)
+                scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
+            mbarrier.arrive(k_empty.index(s))
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+            if lo + BLOCK_N <= full_wg:
+                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
+                                              False, CAUSAL, HAS_WINDOW)  # fmt: skip
+            else:
+                p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
+                                              True, CAUSAL, HAS_WINDOW)  # fmt: skip
+            p_op = gl.convert_layout(_pack16(p, q_tile.dtype), p_layout)
+            acc = gl.zeros([ROWS, D_V], gl.float32, layout=o_layout)
+            c += 1
 
-                # Block lo alone: its softmax has no P V product to hide behind. Masked if any of its scores
-                # needs it.
-                s = c % STAGES
-                mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
-                zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-                scores = warpgroup_mma(q_tile, k_ring.index(s).permute((1, 0)), zero, use_acc=False, is_async=TAIL)
-                if TAIL:
-                    scores = warpgroup_mma(qt_tile, kt_ring.index(s).permute((1, 0)), scores, is_async=True)
-                    scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
-                mbarrier.arrive(k_empty.index(s))
-                m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-                l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
-                if lo + BLOCK_N <= full:
-                    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
-                                                  False, CAUSAL, HAS_WINDOW)  # fmt: skip
-                else:
-                    p, m_i, l_i, alpha = _softmax(scores, m_i, l_i, rows, lo, k_len, offset, window, scale_log2,
-                                                  True, CAUSAL, HAS_WINDOW)  # fmt: skip
-                p_op = gl.convert_layout(_pack16(p, q_tile.dtype), p_layout)
-                acc = gl.zeros([ROWS, D_V], gl.float32, layout=o_layout)
+            for n0 in range(lo + BLOCK_N, full_wg, BLOCK_N):  # every (query, key) pair allowed: no mask
+                acc, p_op, m_i, l_i = _block(
+                    q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
+                    m_i, l_i, rows, k_len, offset, window, scale_log2,
+                    s_layout, STAGES, TAIL, False, CAUSAL, HAS_WINDOW,
+                )  # fmt: skip
                 c += 1
+            for n0 in range(gl.maximum(full_wg, lo + BLOCK_N), hi_wg, BLOCK_N):
+                acc, p_op, m_i, l_i = _block(
+                    q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
+                    m_i, l_i, rows, k_len, offset, window, scale_log2,
+                    s_layout, STAGES, TAIL, True, CAUSAL, HAS_WINDOW,
+                )  # fmt: skip
+                c += 1
+            mbarrier.arrive(q_empty.index(qb))  # every Q K^T of the item is done: the loader may fetch the next Q
+            last = (c - 1) % STAGES  # the last block's P V product
+            mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_ring.index(last), acc)
+            mbarrier.arrive(v_empty.index(last))
 
-                for n0 in range(lo + BLOCK_N, full, BLOCK_N):  # every (query, key) pair allowed: no mask
-                    acc, p_op, m_i, l_i = _block(
-                        q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
-                        m_i, l_i, rows, k_len, offset, window, scale_log2,
-                        s_layout, STAGES, TAIL, False, CAUSAL, HAS_WINDOW,
-                    )  # fmt: skip
-                    c += 1
-                for n0 in range(gl.maximum(full, lo + BLOCK_N), hi, BLOCK_N):
-                    acc, p_op, m_i, l_i = _block(
-                        q_tile, qt_tile, k_ring, kt_ring, v_ring, k_ready, k_empty, v_ready, v_empty, c, n0, acc, p_op,
-                        m_i, l_i, rows, k_len, offset, window, scale_log2,
-                        s_layout, STAGES, TAIL, True, CAUSAL, HAS_WINDOW,
-                    )  # fmt: skip
-                    c += 1
-                mbarrier.arrive(q_empty)  # every Q K^T of the item is done: the loader may fetch the next Q
-                last = (c - 1) % STAGES  # the last block's P V product
-                mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_ring.index(last), acc)
-                mbarrier.arrive(v_empty.index(last))
-
-                seen = l_i > 0
-                l_safe = gl.where(seen, l_i, 1.0)
-                out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-                lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
-                gl.store(LSE + h * stride_lh + q_start + rows, lse, mask=rows < q_len)
-                o_rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-                o_cols = gl.arange(0, D_V, layout=gl.SliceLayout(0, o_layout))
-                ptrs = Out + h * stride_oh + (q_start + o_rows).to(gl.int64)[:, None] * stride_ot + o_cols[None, :]
-                gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < q_len)[:, None])
-                n_done += 1
+            seen = l_i > 0
+            l_safe = gl.where(seen, l_i, 1.0)
+            out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+            lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+            gl.store(LSE + h * stride_lh + q_start + rows, lse, mask=rows < q_len)
+            o_rows = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            o_cols = gl.arange(0, D_V, layout=gl.SliceLayout(0, o_layout))
+            ptrs = Out + h * stride_oh + (q_start + o_rows).to(gl.int64)[:, None] * stride_ot + o_cols[None, :]
+            gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < q_len)[:, None])
+        else:
+            mbarrier.arrive(q_empty.index(qb))
+        # The item's blocks past hi_wg: wait until every consumer has released the stage's previous
+        # block (so that this arrival counts for this block), then release it.
+        for _n0 in range(lo + gl.cdiv(hi_wg - lo, BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+            s = c % STAGES
+            free = ((c // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), free)
+            mbarrier.arrive(k_empty.index(s))
+            mbarrier.wait(v_empty.index(s), free)
+            mbarrier.arrive(v_empty.index(s))
+            c += 1
+        n_done += 1
+        qb = n_done % Q_BUFS
+        mbarrier.wait(q_ready.index(qb), (n_done // Q_BUFS) & 1)
+        h, q_start, k_start, q_len, k_len, m0 = _get_item(items.index(qb))
 
 
 @gluon.jit
 def _attn_fwd_ws_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
-    stride_lh, n_heads, group, scale_log2, window, n_q_blocks, n_units,
+    stride_lh, n_heads, group, scale_log2, window, n_q_blocks, n_bh, section, next_item,
     D_QK: gl.constexpr, D_V: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
     SMEM: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    Q_BUFS: gl.constexpr,
 ):  # fmt: skip
-    """Persistent: each program takes work units pid, pid + programs, ... (a unit: a (64 CONSUMERS)-query
-    block of one head and sequence, two of them when causal; see _tile).
-    CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
+    """Persistent: each program takes work items (a (64 CONSUMERS)-query block of one head and sequence; see
+    _item) until none is left; next_item (one int32, zero at launch) counts the items taken past the first
+    wave. CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
     loader warp share the query tiles and the key/value ring; the loader fetches the next item's tiles
     during the current one's last blocks and output."""
     ROWS: gl.constexpr = 64
     MAIN: gl.constexpr = 128 if D_QK > 128 else D_QK  # query/key columns in the main tiles
     TAIL: gl.constexpr = D_QK > MAIN
     BLOCK_N: gl.constexpr = 128
-    q_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [CONSUMERS, ROWS, MAIN], SMEM)
+    q_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [Q_BUFS * CONSUMERS, ROWS, MAIN], SMEM)
     k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, MAIN], SMEM)
     if TAIL:
-        qt_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [CONSUMERS, ROWS, D_QK - MAIN], SMEM)
+        qt_tiles = gl.allocate_shared_memory(Q.dtype.element_ty, [Q_BUFS * CONSUMERS, ROWS, D_QK - MAIN], SMEM)
         kt_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D_QK - MAIN], SMEM)
     else:
         qt_tiles = q_tiles  # (unused)
         kt_ring = k_ring
     v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, D_V], SMEM)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    items = gl.allocate_shared_memory(gl.int32, [Q_BUFS, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)  # the loader's expect; completes when the bytes have landed
-    mbarrier.init(q_empty, count=CONSUMERS)  # one arrival per consumer warpgroup
+    for b in gl.static_range(Q_BUFS):
+        mbarrier.init(q_ready.index(b), count=1)  # the loader's expect; completes when the bytes have landed
+        mbarrier.init(q_empty.index(b), count=CONSUMERS)  # one arrival per consumer warpgroup
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -380,18 +456,19 @@ def _attn_fwd_ws_kernel(
     if CONSUMERS == 3:
         gl.warp_specialize(
             [
-                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
-                             n_q_blocks, n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
-                             n_q_blocks, n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
-                             n_q_blocks, n_units, scale_log2, 2, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
-                           v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
-                           group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, Out, LSE, stride_ot, stride_oh, stride_lh, window, scale_log2, 0,
+                             D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, Out, LSE, stride_ot, stride_oh, stride_lh, window, scale_log2, 1,
+                             D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, Out, LSE, stride_ot, stride_oh, stride_lh, window, scale_log2, 2,
+                             D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready,
+                           k_empty, v_ready, v_empty, cu_q, cu_k, next_item, total_q, total_k, stride_qt, stride_kt,
+                           stride_vt, n_heads, group, window, n_q_blocks, n_bh, section, D_QK, STAGES, CAUSAL,
+                           HAS_WINDOW)),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
@@ -400,15 +477,16 @@ def _attn_fwd_ws_kernel(
         gl.static_assert(CONSUMERS == 2, "CONSUMERS: 2, or 3 for head dim 64")
         gl.warp_specialize(
             [
-                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
-                             n_q_blocks, n_units, scale_log2, 0, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                             v_empty, Out, LSE, cu_q, cu_k, stride_ot, stride_oh, stride_lh, n_heads, window,
-                             n_q_blocks, n_units, scale_log2, 1, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
-                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, q_ready, q_empty, k_ready, k_empty,
-                           v_ready, v_empty, cu_q, cu_k, total_q, total_k, stride_qt, stride_kt, stride_vt, n_heads,
-                           group, window, n_q_blocks, n_units, D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, Out, LSE, stride_ot, stride_oh, stride_lh, window, scale_log2, 0,
+                             D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_consumer, (q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, Out, LSE, stride_ot, stride_oh, stride_lh, window, scale_log2, 1,
+                             D_QK, STAGES, CAUSAL, HAS_WINDOW)),
+                (_loader, (Q, K, V, q_tiles, qt_tiles, k_ring, kt_ring, v_ring, items, q_ready, q_empty, k_ready,
+                           k_empty, v_ready, v_empty, cu_q, cu_k, next_item, total_q, total_k, stride_qt, stride_kt,
+                           stride_vt, n_heads, group, window, n_q_blocks, n_bh, section, D_QK, STAGES, CAUSAL,
+                           HAS_WINDOW)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -462,12 +540,16 @@ def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal,
     consumers = _consumers(d_qk, d_v, causal, window)
     q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
     n_q_blocks = cdiv(max_q, consumers * WG_ROWS)
-    per_head = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # see _tile
-    n_units = per_head * (cu_q.numel() - 1) * n_heads
-    grid = (min(n_units, programs),)
+    n_bh = (cu_q.numel() - 1) * n_heads  # (sequence, head) pairs
+    kv_bytes = max_q * (d_qk + d_v) * q2.element_size() / group  # per query head (causal: keys ~ queries)
+    section = max(1, min(n_bh, int(L2_SECTION // kv_bytes)))
+    section = cdiv(n_bh, cdiv(n_bh, section))  # sections of equal size
+    next_item = torch.zeros(1, dtype=torch.int32, device=q2.device)  # the programs' shared item counter
+    grid = (min(n_bh * n_q_blocks, programs),)
     args = (
         q2, k2, v2, out, lse, cu_q, cu_k, q2.shape[0], k2.shape[0], q2.stride(0), k2.stride(0), v2.stride(0),
-        out.stride(0), out.stride(1), lse.stride(0), n_heads, group, scale * LOG2E, window or 0, n_q_blocks, n_units,
+        out.stride(0), out.stride(1), lse.stride(0), n_heads, group, scale * LOG2E, window or 0, n_q_blocks, n_bh,
+        section, next_item,
     )  # fmt: skip
     constexprs = dict(
         D_QK=d_qk,
@@ -479,6 +561,7 @@ def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal,
         CONSUMERS=consumers,
         CONSUMER_REGS=REGS[consumers][0],
         LOADER_REGS=REGS[consumers][1],
+        Q_BUFS=_q_bufs(d_qk),
         num_warps=4,
     )
     return grid, args, constexprs

@@ -48,22 +48,29 @@ def test_gluon_forward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window, 
     grid, args, constexprs = attention_gluon.kernel_args(
         q, k, v, out, lse, cu, cu, 623, n_heads, n_heads // n_kv, causal, d_qk**-0.5, window, 132
     )
-    consumers = 3 if (d_qk, causal, window) == (64, False, None) else 2  # 192 query rows, or 128
+    consumers = 3 if (d_qk, window) == (64, None) else 2  # 192 query rows, or 128
     assert constexprs["CONSUMERS"] == consumers
     n_q_blocks = triton.cdiv(623, 64 * consumers)
-    units = (n_q_blocks + 1) // 2 if causal else n_q_blocks  # causal units pair a long and a short block
-    assert grid == (min(132, units * 2 * n_heads),)
+    assert grid == (min(132, 2 * n_heads * n_q_blocks),)  # one item: a query block of one (sequence, head)
+    next_item = args[-1]
+    assert next_item.dtype == torch.int32 and next_item.tolist() == [0]  # the item counter starts at zero
     compiled = compile_for_hopper(attention_gluon._attn_fwd_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 4 * (consumers + 1)  # + the loader warp padded to a warpgroup
     assert compiled.metadata.shared <= SMEM_LIMIT
-    # Register budgets per partition leave no spills in the key-block loops. Outside them the two-warpgroup masked
-    # forms spill up to 52 bytes of per-item scalars (stored once per program, reloaded once per item); MLA's
+    # Register budgets per partition leave (almost) no spills. Outside the key-block loops MLA's masked forms
+    # spill up to 24 bytes of per-item scalars (stored once per program, reloaded once per item); MLA's
     # spill-free mask before measured 3.5% slower (bench/results/attention_mask_experiment.json).
-    assert max(spill_bytes(compiled, tmp_path)) <= (0 if consumers == 3 else 64)
-    loops = [body for body in inner_loops(sass(compiled)) if "MUFU.EX2" in body and "HGMMA" in body]
+    assert max(spill_bytes(compiled, tmp_path)) <= (8 if consumers == 3 else 32)
+    loops = sorted((body for body in inner_loops(sass(compiled)) if "MUFU.EX2" in body and "HGMMA" in body), key=len)
     assert len(loops) == 2 * consumers  # each consumer's unmasked and masked key-block loop
-    for body in loops:
-        assert "LDL" not in body and "STL" not in body
+    for i, body in enumerate(loops):
+        masked = i >= consumers  # the longer half
+        if masked and causal and consumers == 3:
+            # 160 registers a warpgroup: the causal mask's loop spills one register of the two worker consumers
+            # (measured faster than two warpgroups all the same: bench/results/attention_sched_experiment.json)
+            assert body.count("LDL") <= 1 and body.count("STL") <= 1
+        else:
+            assert "LDL" not in body and "STL" not in body
         # P leaves the softmax packed pair by pair in wgmma's operand order (_pack16): no PRMT swapping halves
         assert "PRMT" not in body
 

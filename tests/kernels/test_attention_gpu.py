@@ -64,6 +64,8 @@ def test_deterministic_backward():
         (1, 1000, 1000, 4, 4, 192, 128, True, None, False),
         (1, 127, 300, 4, 4, 128, 128, False, None, False),
         (1, 300, 127, 4, 4, 64, 64, True, None, False),  # queries with no key at all: output 0, lse -inf
+        (1, 2048, 2048, 8, 2, 64, 64, True, None, True),  # causal head dim 64: three warpgroups, each to its diagonal
+        (2, 500, 900, 4, 4, 64, 64, True, None, False),  # ... with the diagonal off the block grid
         (1, 2048, 2048, 8, 4, 128, 128, True, None, True),
         (2, 700, 700, 4, 4, 128, 128, True, 200, False),
         (1, 700, 700, 4, 4, 64, 64, False, 150, False),
