@@ -33,6 +33,7 @@ compiles this kernel for sm_90a on the CPU (Triton ships ptxas); GPU tests in te
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -219,6 +220,10 @@ def _loader(
     mbarrier.wait(q_empty.index(qb), ((n_done // Q_BUFS) & 1) ^ 1)
     _put_item(items.index(qb), -1, 0, 0, 0, 0, 0)
     mbarrier.arrive(q_ready.index(qb))
+    # The last program out (every other one has taken its last item) zeroes the counter pair for the next launch.
+    if gl.atomic_add(next_item + 1, 1) == gl.num_programs(0) - 1:
+        gl.atomic_xchg(next_item, 0)
+        gl.atomic_xchg(next_item + 1, 0)
 
 
 @gluon.jit
@@ -421,8 +426,8 @@ def _attn_fwd_ws_kernel(
     Q_BUFS: gl.constexpr,
 ):  # fmt: skip
     """Persistent: each program takes work items (a (64 CONSUMERS)-query block of one head and sequence; see
-    _item) until none is left; next_item (one int32, zero at launch) counts the items taken past the first
-    wave. CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
+    _item) until none is left; next_item[0] counts the items taken past the first wave and next_item[1] the
+    programs done (int32, both zero at launch and zeroed again by the last program; see _item_counter). CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
     loader warp share the query tiles and the key/value ring; the loader fetches the next item's tiles
     during the current one's last blocks and output."""
     ROWS: gl.constexpr = 64
@@ -533,6 +538,21 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
+_COUNTER_SLOTS = 256
+_counters: dict[torch.device, tuple[torch.Tensor, itertools.count]] = {}
+
+
+def _item_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 pair for one launch: (items taken, programs done). Launches take the slots of a per-device
+    ring in turn, and each launch's last program zeroes its pair again: no per-call torch.zeros (a fill
+    kernel: ~13 us of host time per call on the H100 machine). Kernels in flight at once on different streams
+    get different slots unless 256 launches are in flight together."""
+    if device not in _counters:
+        _counters[device] = (torch.zeros(_COUNTER_SLOTS, 2, dtype=torch.int32, device=device), itertools.count())
+    ring, turn = _counters[device]
+    return ring[next(turn) % _COUNTER_SLOTS]
+
+
 def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs):
     """(grid, args, constexprs) of _attn_fwd_ws_kernel for flattened (tokens, heads, dim) q2, k2, v2,
     out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most."""
@@ -544,7 +564,7 @@ def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal,
     kv_bytes = max_q * (d_qk + d_v) * q2.element_size() / group  # per query head (causal: keys ~ queries)
     section = max(1, min(n_bh, int(L2_SECTION // kv_bytes)))
     section = cdiv(n_bh, cdiv(n_bh, section))  # sections of equal size
-    next_item = torch.zeros(1, dtype=torch.int32, device=q2.device)  # the programs' shared item counter
+    next_item = _item_counter(q2.device)
     grid = (min(n_bh * n_q_blocks, programs),)
     args = (
         q2, k2, v2, out, lse, cu_q, cu_k, q2.shape[0], k2.shape[0], q2.stride(0), k2.stride(0), v2.stride(0),

@@ -12,6 +12,8 @@ run those instead; MOETRON_ATTN_GLUON=0 keeps the Triton kernels everywhere.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -36,14 +38,20 @@ _launch_fwd, _launch_dkdv, _launch_dq, _launch_pre = map(
 )
 
 
+@functools.lru_cache(maxsize=64)
+def _padded_offsets(batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """Row offsets arange(batch + 1) * seq (int32) of a padded batch, made once per shape and device: two
+    small kernels and their allocations cost ~25 us of host time per call on the H100 machine, against
+    ~190 us for a whole attention forward at (16, 1024, 16, 128). Read-only to every kernel."""
+    return torch.arange(batch + 1, device=device, dtype=torch.int32) * seq
+
+
 def _layout(q, k, cu_seqlens, max_seqlen):
     """Flattened (tokens, heads, dim) views and per-sequence row offsets."""
     batch, seq_q = q.shape[:2]
     seq_k = k.shape[1]
     if cu_seqlens is None:
-        cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_q
-        cu_k = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_k
-        return cu_q, cu_k, seq_q, seq_k
+        return _padded_offsets(batch, seq_q, q.device), _padded_offsets(batch, seq_k, q.device), seq_q, seq_k
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     longest = int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())  # one host sync
     return cu, cu, longest, longest

@@ -53,7 +53,7 @@ def test_gluon_forward_compiles_for_hopper(tmp_path, d_qk, d_v, causal, window, 
     n_q_blocks = triton.cdiv(623, 64 * consumers)
     assert grid == (min(132, 2 * n_heads * n_q_blocks),)  # one item: a query block of one (sequence, head)
     next_item = args[-1]
-    assert next_item.dtype == torch.int32 and next_item.tolist() == [0]  # the item counter starts at zero
+    assert next_item.dtype == torch.int32 and next_item.tolist() == [0, 0]  # (items taken, programs done)
     compiled = compile_for_hopper(attention_gluon._attn_fwd_ws_kernel, args, constexprs)
     assert compiled.metadata.num_warps == 4 * (consumers + 1)  # + the loader warp padded to a warpgroup
     assert compiled.metadata.shared <= SMEM_LIMIT
