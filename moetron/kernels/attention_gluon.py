@@ -51,7 +51,8 @@ BLOCK_N = 128  # keys per block
 REGS = {2: (232, 32), 3: (160, 24)}
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
 LOG2E = 1.4426950408889634
-L2_SECTION = 32 << 20  # bytes of keys and values the causal item order keeps live in L2 (see _item)
+L2_SECTION = 16 << 20  # bytes of keys and values the causal item order keeps live in L2 (see _item; 16 MB
+# measured 1-2% faster than 32 and 64 MB, bench/results/attention_sched_experiment.json)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
