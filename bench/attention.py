@@ -80,7 +80,7 @@ def chosen_configs(mode, q, v, causal):
         kernels.update(dkdv=attention_triton_kernels._bwd_dkdv_kernel, dq=attention_triton_kernels._bwd_dq_kernel)
     configs = {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
     if attention_gluon.supported(q, q, v):
-        consumers = attention_gluon._consumers(q.shape[-1], v.shape[-1], causal, None)
+        consumers = attention_gluon._consumers(q.shape[-1], v.shape[-1], None)
         configs["fwd_moetron_triton"] = f"gluon: persistent, {consumers} consumer warpgroups x 64 rows, 128-key blocks"
     return configs
 

@@ -18,7 +18,8 @@ partitions that run concurrently on the SM:
 
 Masks: only the blocks that need one pay for it (the causal diagonal, windows, the partial last block),
 and a warpgroup skips the item's key blocks past its own rows' diagonal. Causal items run longest first
-and programs take them as they finish (dynamic scheduling), so the short ones fill the tail.
+and programs take them as they finish (dynamic scheduling, attention_gluon_sched.py), so the short ones
+fill the tail.
 Batches are variable-length sequences as in the Triton kernels (cu_q, cu_k row offsets of the flattened
 (tokens, heads, dim) tensors). Tiles are read through host tensor descriptors over (tokens, heads * dim):
 rows past a sequence belong to the next one, so keys past k_len are masked and query rows past q_len
@@ -33,7 +34,6 @@ compiles this kernel for sm_90a on the CPU (Triton ships ptxas); GPU tests in te
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 
 import torch
@@ -41,6 +41,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from moetron.kernels.attention_gluon_sched import (
+    _get_item,
+    _item,
+    _item_counter,
+    _put_item,
+    l2_section,
+)
 from moetron.kernels.launch import FastLaunch, cdiv
 
 WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
@@ -51,12 +58,10 @@ BLOCK_N = 128  # keys per block
 REGS = {2: (232, 32), 3: (160, 24)}
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128))  # (q/k, v) pairs with a compiled configuration
 LOG2E = 1.4426950408889634
-L2_SECTION = 16 << 20  # bytes of keys and values the causal item order keeps live in L2 (see _item; 16 MB
-# measured 1-2% faster than 32 and 64 MB, bench/results/attention_sched_experiment.json)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def _consumers(d_qk: int, d_v: int, causal: bool, window) -> int:
+def _consumers(d_qk: int, d_v: int, window) -> int:
     """Consumer warpgroups: three (192 query rows an item) for head dim 64 without a window, whose 64 x 64 O
     accumulator leaves the registers for a third (non-causal: 3-6% faster than two on the H100; causal, now
     that each warpgroup stops at its own diagonal and items are scheduled dynamically: 0-4%,
@@ -96,54 +101,6 @@ def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
     hi = gl.maximum(hi, lo + MIN_BLOCKS)
     full = gl.minimum(gl.maximum(full, lo), hi)
     return lo, full, hi
-
-
-@gluon.jit
-def _item(t, n_q_blocks, n_heads, n_bh, section, cu_q, cu_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """Work item t -> (head, first query and key rows of its sequence, their lengths, first query of its
-    block). Without a mask the query blocks of one (sequence, head) are consecutive items: they share its
-    keys and values in L2. Causal items run longest first, within sections of `section` (sequence, head)
-    pairs whose keys and values fit in L2 together: the last query block of each pair of the section, then
-    the one before, ... Programs take items as they finish (_loader), so the short ones at the end fill
-    the tail."""
-    if CAUSAL:
-        per_section = section * n_q_blocks
-        first = t // per_section * section  # the section's first (sequence, head)
-        heads = gl.minimum(section, n_bh - first)
-        r = t % per_section
-        bh = first + r % heads
-        pid_m = n_q_blocks - 1 - r // heads
-    else:
-        bh = t // n_q_blocks
-        pid_m = t % n_q_blocks
-    b = bh // n_heads
-    q_start = gl.load(cu_q + b)
-    k_start = gl.load(cu_k + b)
-    q_len = gl.load(cu_q + b + 1) - q_start
-    return bh % n_heads, q_start, k_start, q_len, gl.load(cu_k + b + 1) - k_start, pid_m * BLOCK_M
-
-
-@gluon.jit
-def _put_item(slot, h, q_start, k_start, q_len, k_len, m0):
-    """Store a work item's (head, q_start, k_start, q_len, k_len, m0) in shared memory for the consumers
-    (h = -1: no item left). Every thread holds all eight words, so every thread's store writes them."""
-    layout: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
-    k = gl.arange(0, 8, layout=layout)
-    words = gl.where(k == 0, h, gl.where(k == 1, q_start, gl.where(k == 2, k_start, gl.where(k == 3, q_len,
-                     gl.where(k == 4, k_len, m0)))))  # fmt: skip
-    slot.store(words)
-
-
-@gluon.jit
-def _get_item(slot):
-    """The work item _put_item stored in slot: each thread reads the eight words and picks them apart in its
-    own registers."""
-    layout: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
-    k = gl.arange(0, 8, layout=layout)
-    words = slot.load(layout)
-    return (gl.sum(gl.where(k == 0, words, 0), 0), gl.sum(gl.where(k == 1, words, 0), 0),
-            gl.sum(gl.where(k == 2, words, 0), 0), gl.sum(gl.where(k == 3, words, 0), 0),
-            gl.sum(gl.where(k == 4, words, 0), 0), gl.sum(gl.where(k == 5, words, 0), 0))  # fmt: skip
 
 
 @gluon.jit
@@ -428,9 +385,10 @@ def _attn_fwd_ws_kernel(
 ):  # fmt: skip
     """Persistent: each program takes work items (a (64 CONSUMERS)-query block of one head and sequence; see
     _item) until none is left; next_item[0] counts the items taken past the first wave and next_item[1] the
-    programs done (int32, both zero at launch and zeroed again by the last program; see _item_counter). CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition is the first) and a
-    loader warp share the query tiles and the key/value ring; the loader fetches the next item's tiles
-    during the current one's last blocks and output."""
+    programs done (int32, both zero at launch and zeroed again by the last program; see
+    attention_gluon_sched.py). CONSUMERS (2, or 3 for head dim 64) consumer warpgroups (the default partition
+    is the first) and a loader warp share the query tiles and the key/value ring; the loader fetches the next
+    item's tiles during the current one's last blocks and output."""
     ROWS: gl.constexpr = 64
     MAIN: gl.constexpr = 128 if D_QK > 128 else D_QK  # query/key columns in the main tiles
     TAIL: gl.constexpr = D_QK > MAIN
@@ -539,32 +497,15 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
-_COUNTER_SLOTS = 256
-_counters: dict[torch.device, tuple[torch.Tensor, itertools.count]] = {}
-
-
-def _item_counter(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 pair for one launch: (items taken, programs done). Launches take the slots of a per-device
-    ring in turn, and each launch's last program zeroes its pair again: no per-call torch.zeros (a fill
-    kernel: ~13 us of host time per call on the H100 machine). Kernels in flight at once on different streams
-    get different slots unless 256 launches are in flight together."""
-    if device not in _counters:
-        _counters[device] = (torch.zeros(_COUNTER_SLOTS, 2, dtype=torch.int32, device=device), itertools.count())
-    ring, turn = _counters[device]
-    return ring[next(turn) % _COUNTER_SLOTS]
-
-
 def kernel_args(q2, k2, v2, out, lse, cu_q, cu_k, max_q, n_heads, group, causal, scale, window, programs):
     """(grid, args, constexprs) of _attn_fwd_ws_kernel for flattened (tokens, heads, dim) q2, k2, v2,
     out (tokens, heads, d_v), lse (heads, tokens) fp32, on `programs` persistent programs at most."""
     d_qk, d_v = q2.shape[2], v2.shape[2]
-    consumers = _consumers(d_qk, d_v, causal, window)
+    consumers = _consumers(d_qk, d_v, window)
     q2, k2, v2 = _packed(q2), _packed(k2), _packed(v2)
     n_q_blocks = cdiv(max_q, consumers * WG_ROWS)
     n_bh = (cu_q.numel() - 1) * n_heads  # (sequence, head) pairs
-    kv_bytes = max_q * (d_qk + d_v) * q2.element_size() / group  # per query head (causal: keys ~ queries)
-    section = max(1, min(n_bh, int(L2_SECTION // kv_bytes)))
-    section = cdiv(n_bh, cdiv(n_bh, section))  # sections of equal size
+    section = l2_section(n_bh, max_q * (d_qk + d_v) * q2.element_size() / group)
     next_item = _item_counter(q2.device)
     grid = (min(n_bh * n_q_blocks, programs),)
     args = (

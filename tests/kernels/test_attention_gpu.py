@@ -118,18 +118,18 @@ def test_gluon_switch(monkeypatch):
 
 
 def test_gluon_item_counter_is_zeroed_again():
-    """The forward's programs share an item counter from a ring of slots (attention_gluon._item_counter) that
-    no call zeroes: each launch's last program does. After every launch the ring is all zeros, and once the
+    """The forward's programs share an item counter from a ring of slots (attention_gluon_sched._item_counter)
+    that no call zeroes: each launch's last program does. After every launch the ring is all zeros, and once the
     ring has wrapped (reused slots) the output is still the first call's, bit for bit."""
-    from moetron.kernels import attention_gluon
+    from moetron.kernels import attention_gluon_sched
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     first = flash_attention(q, k, v, causal=True, backend="triton")
     torch.cuda.synchronize()
-    ring, _ = attention_gluon._counters[first.device]
+    ring, _ = attention_gluon_sched._counters[first.device]
     assert not ring.any()
-    for _ in range(attention_gluon._COUNTER_SLOTS + 3):
+    for _ in range(attention_gluon_sched._COUNTER_SLOTS + 3):
         out = flash_attention(q, k, v, causal=True, backend="triton")
     assert torch.equal(out, first)
     assert not ring.any()
