@@ -10,11 +10,10 @@ import functools
 
 import torch
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.attention_gluon import _GL_DTYPES, gluon_enabled
 from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel, _dq_kernel
-from moetron.kernels.launch import FastLaunch, cdiv
+from moetron.kernels.launch import FastLaunch, cdiv, host_descriptor
 
 BLOCK = 2 * WG_ROWS  # key rows per dK/dV program, query rows per dQ program
 OVERLAP = True  # the dQ kernel on a side stream, beside the dK/dV kernel (False: one stream, for A/B runs)
@@ -41,7 +40,7 @@ def _smem_layout(block: tuple, dtype: torch.dtype):
 
 
 def _desc(t2d, block):
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), block, _smem_layout(tuple(block), t2d.dtype))
+    return host_descriptor(t2d, block, _smem_layout(tuple(block), t2d.dtype))
 
 
 def _flat(x):

@@ -85,10 +85,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.fp8_gemm_triton import _sm_count
-from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, next_power_of_2
+from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, host_descriptor, next_power_of_2
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
 BLOCK_N = 128  # one weight scale block: one scalar b-scale per (half) tile and K block
@@ -377,8 +376,8 @@ def _smem_layout(block: tuple[int, int], dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)  # (~20 us of host time uncached)
 
 
-def _desc(t: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
-    return TensorDescriptor.from_tensor(t, block, _smem_layout(tuple(block), dtype))
+def _desc(t: torch.Tensor, block: list[int], dtype):
+    return host_descriptor(t, block, _smem_layout(tuple(block), dtype))
 
 
 def choose_tiles(m: int, n: int, n_groups: int, programs: int, shapes: dict[str, Tiles] = TILES) -> Tiles:

@@ -50,7 +50,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moetron.kernels.fp8_gemm_gluon import (
     _GL_DTYPES,
@@ -68,7 +67,7 @@ from moetron.kernels.fp8_gemm_gluon import (
     choose_tiles as choose_gemm_tiles,
 )
 from moetron.kernels.fp8_gemm_triton import _sm_count
-from moetron.kernels.launch import FastLaunch, cdiv, device_scratch
+from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, host_descriptor
 
 # Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
 # wide tile, 128 x 256; one of each for the square one, 128 x 128). `speed`: measured relative throughput on
@@ -249,11 +248,11 @@ def _fp8_wgrad_ws_kernel(
     )  # fmt: skip
 
 
-def _scale_desc(scale: torch.Tensor, width: int) -> TensorDescriptor:
+def _scale_desc(scale: torch.Tensor, width: int):
     """A (rows, K/128) scale matrix stored token-block-major, as the flat vector it is in memory (K block kb's
     scale of row r at kb * rows + r), in runs of `width`. A run past a block's last row reads the next block's
     first scales: they scale rows that are never stored."""
-    return TensorDescriptor.from_tensor(scale.t().reshape(-1), [width], _SCALE_LAYOUT)
+    return host_descriptor(scale.t().reshape(-1), [width], _SCALE_LAYOUT)
 
 
 def wgrad_ok(a_scale, b_scale) -> bool:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 
 from triton import knobs
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
@@ -50,16 +51,40 @@ def _int_class(v: int) -> tuple:
     return (v == 1, v % 16 == 0, width)
 
 
+_INT_CLASSES: dict[int, tuple] = {}  # memo of _int_class: launches pass the same sizes and strides again and again
+
+
+def _int_class_memo(v: int) -> tuple:
+    c = _INT_CLASSES.get(v)
+    if c is None:
+        if len(_INT_CLASSES) >= 1 << 14:  # (bounded: token counts vary from step to step)
+            _INT_CLASSES.clear()
+        c = _INT_CLASSES[v] = _int_class(v)
+    return c
+
+
+_DIMS_CLASSES: dict[tuple, tuple] = {}  # memo of a descriptor's (shape, strides) classes
+
+
+def _dims_class(shape: tuple, strides: tuple) -> tuple:
+    key = (shape, strides)
+    c = _DIMS_CLASSES.get(key)
+    if c is None:
+        if len(_DIMS_CLASSES) >= 1 << 14:
+            _DIMS_CLASSES.clear()
+        c = _DIMS_CLASSES[key] = (tuple(map(_int_class, shape)), tuple(map(_int_class, strides)))
+    return c
+
+
 def _tensor_class(t) -> tuple:
     return (t.dtype, t.data_ptr() % 16 == 0)
 
 
 def _arg_class(v):
-    """What of one positional argument a compiled kernel can depend on (see the module docstring). Tested
-    in order of how often launches pass them (this runs for every argument of every launch)."""
+    """What of one positional argument a compiled kernel can depend on (see the module docstring)."""
     kind = type(v)
     if kind is int:  # (not bool: bool is kept whole below)
-        return _int_class(v)
+        return _int_class_memo(v)
     if kind is bool or v is None:
         return v
     if hasattr(v, "data_ptr"):  # a tensor
@@ -67,8 +92,7 @@ def _arg_class(v):
     if hasattr(v, "block_shape"):  # a host-side TMA descriptor (triton.tools or Gluon)
         return (
             _tensor_class(v.base),
-            tuple(map(_int_class, v.shape)),
-            tuple(map(_int_class, v.strides)),
+            _dims_class(tuple(v.shape), tuple(v.strides)),
             tuple(v.block_shape),
             getattr(v, "layout", None),
             getattr(v, "padding", None),
@@ -80,8 +104,38 @@ def _arg_class(v):
 
 def signature(args: tuple, key_positions: tuple[int, ...] = ()) -> tuple:
     """The specialization signature of positional `args`; the values at `key_positions` (those present) are
-    kept whole."""
-    return tuple(_arg_class(v) for v in args) + tuple(args[i] for i in key_positions if i < len(args))
+    kept whole. (_arg_class for each argument, with the commonest kinds, ints and tensors, tested inline: this
+    runs for every argument of every launch.)"""
+    out = []
+    add, ints = out.append, _INT_CLASSES
+    for v in args:
+        kind = type(v)
+        if kind is int and v in ints:
+            add(ints[v])
+        elif kind is not int and kind is not bool and v is not None and hasattr(v, "data_ptr"):
+            add((v.dtype, v.data_ptr() % 16 == 0))
+        else:
+            add(_arg_class(v))
+    for i in key_positions:
+        if i < len(args):
+            add(args[i])
+    return tuple(out)
+
+
+def host_descriptor(t, block_shape: list[int], layout):
+    """Gluon's host-side TensorDescriptor of `t` (its shape and strides, `block_shape` boxes, NVMMA `layout`),
+    built without the dataclass's per-call validation (~3-5 us of host time, and the attention backward builds
+    17 descriptors a call). What TMA needs is checked here: a 16-byte aligned base and row strides, a unit
+    last stride; the block shapes and layouts are the callers' constants."""
+    strides = t.stride()
+    if t.data_ptr() % 16 or strides[-1] != 1 or any(s * t.element_size() % 16 for s in strides[:-1]):
+        raise ValueError(
+            f"TMA descriptor: tensor {tuple(t.shape)} with strides {strides} at address {t.data_ptr():#x} needs a "
+            "16-byte aligned base and row strides and a unit last stride; pass a contiguous copy"
+        )
+    d = object.__new__(_GluonDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.layout, d.padding = t, t.shape, strides, block_shape, layout, "zero"
+    return d
 
 
 def cdiv(a: int, b: int) -> int:
@@ -174,4 +228,4 @@ def device_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-__all__ = ["FastLaunch", "cdiv", "device_scratch", "next_power_of_2", "signature"]
+__all__ = ["FastLaunch", "cdiv", "device_scratch", "host_descriptor", "next_power_of_2", "signature"]

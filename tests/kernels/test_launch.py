@@ -10,7 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moetron.kernels.launch import FastLaunch, cdiv, next_power_of_2, signature
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from moetron.kernels import launch
+from moetron.kernels.launch import FastLaunch, cdiv, host_descriptor, next_power_of_2, signature
 
 
 def test_signature_separates_what_triton_specializes_on():
@@ -27,6 +31,52 @@ def test_signature_separates_what_triton_specializes_on():
     assert signature((17, 1024), key_positions=(1,)) != signature((17, 2048), key_positions=(1,))
     assert signature((True,)) != signature((False,))
     assert signature((None,)) != signature((0,))
+
+
+def test_signature_memos_give_the_unmemoized_classes(monkeypatch):
+    """The memos of integer and descriptor-dimension classes (kept below a size bound by clearing them) give
+    exactly what the classes computed afresh give, before, across and after a clearing."""
+    monkeypatch.setattr(launch, "_INT_CLASSES", {})
+    values = [1, 16, 17, 2**31 - 1, 2**31, -(2**31) - 1, 2**63, *range(0, 40000, 3)]  # past the bound: clears
+    for v in values + values[:50]:
+        assert signature((v,)) == (launch._int_class(v),), v
+    assert len(launch._INT_CLASSES) <= 1 << 14
+
+
+def test_signature_of_descriptors():
+    """Host TMA descriptors: equal signatures exactly when base dtype and alignment, the classes of shape and
+    strides, block shape and layout agree (host_descriptor's and Gluon's own constructor alike)."""
+    layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
+    other_layout = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float8e4nv)
+    x = torch.zeros(4096, 256, dtype=torch.float8_e4m3fn)
+
+    def sig(t, block=(64, 128), lay=layout):
+        return signature((host_descriptor(t, list(block), lay),))
+
+    assert sig(x) == signature((TensorDescriptor.from_tensor(x, [64, 128], layout),))
+    assert sig(x) == sig(x[:2048])  # rows 4096 and 2048: both multiples of 16
+    assert sig(x) != sig(x[:2047])  # not a multiple of 16
+    assert sig(x) != sig(x[:1])  # one row
+    assert sig(x) == sig(x[:, :128])  # 256 and 128 columns: both multiples of 16, the same row stride
+    assert sig(x) != sig(x[1:])  # base 256 bytes on: aligned, but 4095 rows
+    assert sig(x) != sig(x.view(torch.int8))  # the same bytes, another dtype
+    assert sig(x) != sig(x, block=(64, 64), lay=other_layout)
+
+
+def test_host_descriptor_fields_and_checks():
+    """host_descriptor holds what TensorDescriptor.from_tensor holds, and refuses what TMA cannot read."""
+    layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    x = torch.zeros(300, 256, dtype=torch.bfloat16)
+    ours, theirs = host_descriptor(x, [64, 128], layout), TensorDescriptor.from_tensor(x, [64, 128], layout)
+    for field in ("base", "shape", "strides", "block_shape", "layout", "padding"):
+        assert getattr(ours, field) == getattr(theirs, field) if field != "base" else ours.base is theirs.base
+    assert isinstance(ours, TensorDescriptor)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        host_descriptor(x.view(-1)[1:].view(-1)[: 299 * 256].view(299, 256), [64, 128], layout)  # base + 2 bytes
+    with pytest.raises(ValueError, match="unit last stride"):
+        host_descriptor(x.t(), [64, 128], layout)
+    with pytest.raises(ValueError, match="row strides"):
+        host_descriptor(torch.zeros(300, 260, dtype=torch.bfloat16)[:, :256], [64, 128], layout)  # 520-byte rows
 
 
 @triton.jit
