@@ -14,7 +14,9 @@ fails, so one peer that does not take a shape does not stop the run):
   rowwise FP8). Group sizes: multinomial from a fixed seed over skewed expert probabilities;
   `aligned` rounds every group up to a multiple of 128 rows (the padding of the FP8 MoE path).
 * linear: a full forward + backward (`y.backward(grad)`, grads of input and weight) of
-  `FP8Linear` vs `nn.Linear`, both with bf16 parameters and inputs, no autocast.
+  `FP8Linear` vs `nn.Linear`, both with bf16 parameters and inputs, no autocast (and the same with fp32
+  weights under bf16 autocast). `kernels_us_<impl>`: the GPU time of one call by kernel (torch.profiler,
+  after the timing), so the JSON shows what the GEMMs and what the quantizers cost.
 
 FLOPs: 2*M*N*K per GEMM (the total routed rows for grouped), 3 * 2*M*N*K for a linear's forward +
 backward. Timing: CUDA events around each call, after a warm-up, median over the reps; no cache
@@ -114,6 +116,27 @@ def measure(row: dict, impls: dict[str, Callable[[], object]], flops: float, arg
         finally:
             if device.type == "cuda":
                 torch.cuda.synchronize()
+
+
+def kernel_breakdown_us(fn: Callable[[], object], calls: int = 5) -> dict[str, float]:
+    """GPU microseconds per call of `fn` by kernel (name cut to 60 characters), from torch.profiler over `calls`
+    calls, largest first; "busy" is their sum. Where a call's time goes: GEMMs, quantizers, casts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            name = e.name[:60]
+            per[name] = per.get(name, 0.0) + e.time_range.elapsed_us() / calls
+    out = {"busy": round(sum(per.values()), 1)}
+    out.update((k, round(v, 1)) for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def add_ratios(row: dict, pairs: list[tuple[str, str]]) -> None:
@@ -361,6 +384,10 @@ def linear_row(tokens, d_in, d_out, label, master_fp32, args, device) -> dict:
 
     impls = {name: fwd_bwd(layer) for name, layer in layers.items()}
     measure(row, impls, 3 * 2.0 * tokens * d_out * d_in, args, device)
+    if device.type == "cuda":
+        for name, fn in impls.items():
+            if row.get(name) is not None:
+                row[f"kernels_us_{name}"] = kernel_breakdown_us(fn)
     if row.get("moetron_fp8") is not None:
         try:  # forward output and both gradients against the bf16 layer
             x.grad = bf16.weight.grad = None  # the timing loop left its last gradients
