@@ -7,6 +7,12 @@ last 10 steps both runs completed (the same steps, hence the same learning rates
 Step 1 sees identical weights and data, so its two losses differ only by FP8 rounding; a large
 step-1 difference means the two runs did not start from the same model.
 
+The held-out loss (`--eval-every`, by default every 50 steps and after the last; `--eval-batches` micro-batches
+of the corpus's validation split, the same batches for both runs and never trained on) is the second measure:
+it averages over more tokens than a step's batch and does not reward memorizing the ~7 epochs of training
+text, so it moves less from run to run than the last steps' training loss. `comparison.eval_rel_diff` is the
+relative difference at the last step both runs evaluated.
+
 The BF16 run goes first, so a failing FP8 run still leaves a baseline. The JSON is rewritten every 25
 steps and after each run (`"complete": false` until both finished), so a run cut off by a time
 limit keeps what it measured. `--budget-s` stops the runs early instead (the BF16 run by half the
@@ -59,9 +65,11 @@ CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "step_
 class Recorder:
     """Step callback: per-step losses, gradient norm and wall time; progress lines; deadline."""
 
-    def __init__(self, name: str, steps: int, deadline: float | None, on_progress):
+    def __init__(self, name: str, steps: int, deadline: float | None, on_progress, eval_every: int = 0):
         self.name, self.steps, self.deadline, self.on_progress = name, steps, deadline, on_progress
+        self.eval_every = eval_every
         self.curve: dict[str, list] = {key: [] for key in ("step", *CURVE_KEYS)}
+        self.evals: dict[str, list] = {"step": [], "loss": []}  # held-out loss, every eval_every steps and last
         self.start = time.perf_counter()
         self.first_step_at_s: float | None = None
         self.prev: float | None = None
@@ -101,6 +109,14 @@ class Recorder:
             self.stopped_early = True
             print(f"[{self.name}] --budget-s reached: stopping at step {step}", flush=True)
             trainer.request_stop()
+        last = step == self.steps or self.stopped_early
+        if self.eval_every and (step % self.eval_every == 0 or last):
+            loss = trainer.evaluate().get("eval/loss")
+            if loss is not None:
+                self.evals["step"].append(step)
+                self.evals["loss"].append(_finite(loss))
+                print(f"[{self.name}] step {step} held-out loss {loss:.4f}", flush=True)
+            self.prev = time.perf_counter()  # (the time spent evaluating is not the next step's)
 
     def summary(self) -> dict:
         skip = 5 if len(self.curve["step"]) > 10 else 1  # past warm-up and autotuning
@@ -116,6 +132,7 @@ class Recorder:
             "tokens_per_sec_median": _median(tps),
             "peak_mem_gb": None if self.peak_mem_gb is None else round(self.peak_mem_gb, 2),
             "curve": self.curve,
+            "eval": self.evals,
         }
 
 
@@ -151,7 +168,8 @@ def common_overrides(args) -> list[str]:
         f"trainer.seed={args.seed}",
         f"trainer.device={args.device}",
         f"trainer.activation_checkpointing={args.activation_checkpointing}",
-        "trainer.eval_every=0",
+        "trainer.eval_every=0",  # (the Recorder evaluates, every --eval-every steps and after the last)
+        f"trainer.eval_batches={args.eval_batches}",
         "trainer.checkpoint_every=0",
         "trainer.save_final=false",
         "trainer.resume=none",
@@ -178,11 +196,13 @@ class Report:
         self.path.write_text(json.dumps(self.out, indent=1) + "\n")
 
 
-def train_one(name: str, overrides: list[str], run_dir: Path, steps: int, deadline, report: Report) -> dict:
+def train_one(
+    name: str, overrides: list[str], run_dir: Path, steps: int, deadline, report: Report, eval_every: int = 0
+) -> dict:
     from moetron.train import run
 
     cfg = compose(overrides)
-    recorder = Recorder(name, steps, deadline, report.save)
+    recorder = Recorder(name, steps, deadline, report.save, eval_every)
     report.live[name] = recorder
     print(f"[{name}] overrides: {' '.join(overrides)}", flush=True)
     record = {"overrides": overrides, "run_dir": str(run_dir)}
@@ -232,6 +252,16 @@ def compare(bf16: dict, fp8: dict, second: str = "fp8") -> dict:
     pairs = [(x, y) for x, y in zip(bf16["curve"]["loss"][:n], fp8["curve"]["loss"][:n]) if x and y]
     if pairs:
         out["max_abs_rel_diff_per_step"] = max(abs(y - x) / abs(x) for x, y in pairs)
+    # the held-out loss at the last step both runs evaluated: the same batches for both, none of them trained on
+    eval_a, eval_b = bf16.get("eval", {}), fp8.get("eval", {})
+    common = sorted(set(eval_a.get("step", [])) & set(eval_b.get("step", [])))
+    if common:
+        at = common[-1]
+        ea = eval_a["loss"][eval_a["step"].index(at)]
+        eb = eval_b["loss"][eval_b["step"].index(at)]
+        if ea is not None and eb is not None:
+            out["eval_step"], out["eval_loss_bf16"], out[f"eval_loss_{second}"] = at, ea, eb
+            out["eval_rel_diff"] = (eb - ea) / abs(ea)  # > 0: the second run above BF16
     if bf16.get("tokens_per_sec_median") and fp8.get("tokens_per_sec_median"):
         out[f"{second}_over_bf16_tokens_per_sec"] = fp8["tokens_per_sec_median"] / bf16["tokens_per_sec_median"]
     # passed: judged on the compared steps; all_steps_compared says whether those were all --steps
@@ -270,6 +300,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--activation-checkpointing", default="full", help="none | selective | full")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for both runs")
+    parser.add_argument(
+        "--eval-every", type=int, default=50, help="held-out loss every this many steps and after the last (0: never)"
+    )
+    parser.add_argument("--eval-batches", type=int, default=8, help="micro-batches of held-out data per evaluation")
     parser.add_argument("--budget-s", type=float, default=None, help="stop early to finish within this wall time")
     parser.add_argument("--only", choices=["bf16", "fp8"], default=None, help="run one of the two (debugging)")
     parser.add_argument(
@@ -307,7 +341,7 @@ def main() -> None:
         flag = "true" if name == "fp8" else "false"
         extra = args.second_override if i == 1 else []
         overrides = [*common, f"model.fp8.enabled={flag}", *extra, f"trainer.run_dir={work / name}"]
-        train_one(name, overrides, work / name, args.steps, deadline, report)
+        train_one(name, overrides, work / name, args.steps, deadline, report, args.eval_every)
         gc.collect()  # the first model, optimizer and activations go before the second is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -319,14 +353,19 @@ def main() -> None:
     out["complete"] = all(not r.get("error") and not r["stopped_early"] for r in out["runs"].values())
     report.save()
 
-    print(f"\n{'run':6} {'steps':>5} {'wall s':>7} {'s/step':>7} {'tokens/s':>9} {'final loss':>10} {'peak GiB':>8}")
+    print(
+        f"\n{'run':6} {'steps':>5} {'wall s':>7} {'s/step':>7} {'tokens/s':>9} {'final loss':>10} {'held-out':>8} "
+        f"{'peak GiB':>8}"
+    )
     for name, r in out["runs"].items():
         c = r["curve"]["loss"]
         last = [v for v in c[-FINAL_WINDOW:] if v is not None]
         final = statistics.mean(last) if last else float("nan")
+        held_out = (r.get("eval", {}).get("loss") or [None])[-1]
         print(
             f"{name:6} {r['steps_done']:>5} {r['wall_s']:>7.0f} {r['step_s_median'] or float('nan'):>7.3f} "
-            f"{r['tokens_per_sec_median'] or float('nan'):>9.0f} {final:>10.4f} {r['peak_mem_gb'] or float('nan'):>8}"
+            f"{r['tokens_per_sec_median'] or float('nan'):>9.0f} {final:>10.4f} {held_out or float('nan'):>8.4f} "
+            f"{r['peak_mem_gb'] or float('nan'):>8}"
         )
     comparison = out.get("comparison")
     if comparison:
@@ -341,6 +380,11 @@ def main() -> None:
                     else "(the noise floor)"
                 )
                 + ("" if comparison["all_steps_compared"] else " (on the steps both runs completed only)")
+            )
+        if "eval_rel_diff" in comparison:
+            print(
+                f"held-out loss after step {comparison['eval_step']}: bf16 {comparison['eval_loss_bf16']:.4f}, "
+                f"{second} {comparison[f'eval_loss_{second}']:.4f}, relative difference {comparison['eval_rel_diff']:+.3%}"
             )
         if "step1_rel_diff" in comparison:
             print(f"step-1 loss relative difference {comparison['step1_rel_diff']:+.4%} (same weights and batch)")

@@ -123,7 +123,7 @@ class Trainer:
                     skipped_in_a_row = 0
                 self.metrics.update(self.step, result, self.scheduler.get_last_lr()[0], self.plain)
                 if t.eval_every and self.step % t.eval_every == 0:
-                    self.metrics.log_eval(self.step, self._evaluate())
+                    self.metrics.log_eval(self.step, self.evaluate())
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.save()
                 for callback in self.callbacks:
@@ -139,7 +139,9 @@ class Trainer:
         e.g. at a time budget); the final checkpoint follows trainer.save_final."""
         self.stop_requested = True
 
-    def _evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """The held-out loss and perplexity now ({"eval/loss", "eval/perplexity"}; {} without a validation
+        split), over trainer.eval_batches batches of the validation stream, the same batches every call."""
         batches = self.data.eval_batches(self.cfg.trainer.eval_batches, self.device)
         return evaluate(self.plain, batches, self.mesh, self.autocast)
 
