@@ -51,29 +51,27 @@ def _int_class(v: int) -> tuple:
     return (v == 1, v % 16 == 0, width)
 
 
+_MEMO_BOUND = 1 << 14  # entries a memo keeps before it is cleared (token counts vary from step to step)
 _INT_CLASSES: dict[int, tuple] = {}  # memo of _int_class: launches pass the same sizes and strides again and again
-
-
-def _int_class_memo(v: int) -> tuple:
-    c = _INT_CLASSES.get(v)
-    if c is None:
-        if len(_INT_CLASSES) >= 1 << 14:  # (bounded: token counts vary from step to step)
-            _INT_CLASSES.clear()
-        c = _INT_CLASSES[v] = _int_class(v)
-    return c
-
-
 _DIMS_CLASSES: dict[tuple, tuple] = {}  # memo of a descriptor's (shape, strides) classes
 
 
-def _dims_class(shape: tuple, strides: tuple) -> tuple:
-    key = (shape, strides)
-    c = _DIMS_CLASSES.get(key)
+def _remember(memo: dict, key, make):
+    """memo[key], made by make(key) the first time; the memo is emptied when it reaches _MEMO_BOUND."""
+    c = memo.get(key)
     if c is None:
-        if len(_DIMS_CLASSES) >= 1 << 14:
-            _DIMS_CLASSES.clear()
-        c = _DIMS_CLASSES[key] = (tuple(map(_int_class, shape)), tuple(map(_int_class, strides)))
+        if len(memo) >= _MEMO_BOUND:
+            memo.clear()
+        c = memo[key] = make(key)
     return c
+
+
+def _int_class_memo(v: int) -> tuple:
+    return _remember(_INT_CLASSES, v, _int_class)
+
+
+def _dims_class(shape: tuple, strides: tuple) -> tuple:
+    return _remember(_DIMS_CLASSES, (shape, strides), lambda k: tuple(tuple(map(_int_class, dims)) for dims in k))
 
 
 def _tensor_class(t) -> tuple:
@@ -112,7 +110,7 @@ def signature(args: tuple, key_positions: tuple[int, ...] = ()) -> tuple:
         kind = type(v)
         if kind is int and v in ints:
             add(ints[v])
-        elif kind is not int and kind is not bool and v is not None and hasattr(v, "data_ptr"):
+        elif kind is not int and hasattr(v, "data_ptr"):  # a tensor (ints, bools and None have no data_ptr)
             add((v.dtype, v.data_ptr() % 16 == 0))
         else:
             add(_arg_class(v))
