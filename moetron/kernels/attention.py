@@ -32,6 +32,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+# Triton reads TRITON_INTERPRET once, when it loads; reading it here once too keeps it off the per-call path.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 BACKENDS = ("torch", "sdpa", "triton")
 
 
@@ -73,9 +76,7 @@ def _default_backend(q, v, return_lse, window) -> str:
     """Triton for bf16/fp16 CUDA tensors (and under TRITON_INTERPRET=1), SDPA for other CUDA tensors,
     the reference elsewhere."""
     dims_ok = max(q.shape[-1], v.shape[-1]) <= 256 and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0
-    if dims_ok and (
-        os.environ.get("TRITON_INTERPRET") == "1" or (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))
-    ):
+    if dims_ok and (_INTERPRET or (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))):
         return "triton"
     if q.is_cuda and not return_lse and window is None:
         return "sdpa"

@@ -49,6 +49,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+# Triton reads TRITON_INTERPRET once, when it loads; reading it here once too keeps it off the per-call path.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_BLOCK = 128
@@ -64,7 +67,7 @@ def _cdiv(a: int, b: int) -> int:
 # ------------------------------------------------------------------------------------------- dispatch
 def _default_backend(*tensors: torch.Tensor) -> str:
     """Triton under TRITON_INTERPRET=1 or for CUDA tensors with FP8 support, the reference elsewhere."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRET:
         return "triton"
     x = tensors[0]
     if x.is_cuda and _capability(x.device.index) >= (8, 9):
