@@ -9,7 +9,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
