@@ -50,14 +50,23 @@ class Sampler(threading.Thread):
         self.nvml = pynvml
         pynvml.nvmlInit()
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.period_s, self.samples, self.running = period_s, [], True
+        self.period_s, self.samples, self.errors, self.running = period_s, [], [], True
 
     def run(self) -> None:
         n = self.nvml
+        # newer nvidia-ml-py names it "clocks event reasons"; older ones only "throttle reasons"
+        reasons_of = (
+            getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or n.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         while self.running:
-            clock = n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM)
-            power = n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
-            reasons = n.nvmlDeviceGetCurrentClocksThrottleReasons(self.handle)
+            try:
+                clock = n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM)
+                power = n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+                reasons = reasons_of(self.handle)
+            except n.NVMLError as e:  # keep sampling; the window reports how many samples it got
+                self.errors.append(str(e))
+                time.sleep(self.period_s)
+                continue
             self.samples.append((time.perf_counter(), clock, power, reasons))
             time.sleep(self.period_s)
 
@@ -176,6 +185,7 @@ def main() -> None:
             text=True,
         ).stdout.strip(),  # fmt: skip
         "results": rows,
+        "nvml_errors": sampler.errors[:10],
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
