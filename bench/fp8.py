@@ -82,14 +82,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, 
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 3, 1e-3)
+    estimate = estimate_ms(fn, 3)
     for _ in range(max(1, int(warmup_ms / estimate))):
         fn()
     reps = min(max(int(rep_ms / estimate), 20), 2000)
@@ -101,6 +94,19 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, 
         ends[i].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def estimate_ms(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call of `fn` on the GPU from `calls` back-to-back calls (at least 1 us): how many calls
+    fill a warm-up or a timing window."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return max(start.elapsed_time(end) / calls, 1e-3)
 
 
 def measure(row: dict, impls: dict[str, Callable[[], object]], flops: float, args, device) -> None:

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fp8 import rowwise, tensorwise  # noqa: E402  (bench/fp8.py: the same peer operands)
+from fp8 import estimate_ms, rowwise, tensorwise  # noqa: E402  (bench/fp8.py: the same peer operands)
 
 # NVML's clocks-event (throttle) reason bits, nvml.h
 THROTTLE_BITS = {
@@ -90,14 +90,8 @@ def sustained(fn, seconds: float, flops: float, sampler: Sampler) -> dict:
     """Launch fn back to back for about `seconds`; TFLOP/s over the whole window and the sampled clocks."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    calls = max(10, int(seconds * 1e3 / estimate_ms(fn, 5)))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    calls = max(10, int(seconds * 1e3 / max(start.elapsed_time(end) / 5, 1e-3)))
     t0 = time.perf_counter()
     start.record()
     for _ in range(calls):
