@@ -76,7 +76,7 @@ class Router(nn.Module):
         weights = weights * self.routed_scaling_factor
         if self.training and not _recomputing():
             with torch.no_grad():
-                self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+                self.load += count_per_expert(indices.flatten(), self.n_experts).float()
         return Routing(indices, weights, scores)
 
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class MoE(nn.Module):
         tokens, k = routing.indices.shape
         expert_of = routing.indices.reshape(-1)  # (tokens * top_k,) assignment -> expert
         order = torch.argsort(expert_of, stable=True)  # assignments sorted by expert, token order kept
-        counts = torch.bincount(expert_of, minlength=self.n_experts)  # (n_experts,)
+        counts = count_per_expert(expert_of, self.n_experts)  # (n_experts,)
         if self.capacity_factor is not None:
             order, counts = self._drop_over_capacity(order, counts, expert_of, tokens)
         if self.pad_groups_to > 1:
@@ -217,6 +217,15 @@ class MoE(nn.Module):
                 chosen.view(1, tokens, -1), probs.view(1, tokens, -1), self.top_k
             )
         return loss
+
+
+def count_per_expert(expert_of: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(n_experts,) int64: how many entries of expert_of (int64, values in [0, n_experts)) name each expert.
+    torch.bincount would do, but on a GPU it reads the input's min and max back to the host (two syncs
+    per call, three calls per MoE layer and micro-batch with checkpointing); a scatter-add does not."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=expert_of.device).scatter_add_(
+        0, expert_of, torch.ones_like(expert_of)
+    )
 
 
 def _recomputing() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,12 +38,19 @@ class ModelOutput:
 
 @dataclass
 class Documents:
-    """Where packed documents start: the masks and positions every layer shares."""
+    """Where packed documents start: the masks and positions every layer shares.
+
+    Built on the device (`from_starts`, `from_doc_ids` of device tensors), it costs two host syncs (the
+    boundaries' count and the longest document), and every truncation for multi-token prediction two more.
+    Built on the host (`on_host`, what the trainer does with its CPU batches), it costs none: the tensors
+    are computed on the CPU and copied over, and `host_starts` keeps the CPU copy the truncations start from.
+    """
 
     starts: torch.Tensor  # (batch, seq) bool, True at each document's first token
     cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 over the flattened batch*seq tokens
     doc_ids: torch.Tensor  # (batch, seq) int64, document index of each token
     max_seqlen: int  # the longest document: read once here so no layer has to sync for it
+    host_starts: np.ndarray | None = None  # (batch, seq) bool: `starts` on the host, when built there
 
     @classmethod
     def from_starts(cls, starts: torch.Tensor) -> Documents:
@@ -56,12 +64,36 @@ class Documents:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return cls(starts, cu_seqlens, doc_ids, max_seqlen)
 
+    @classmethod
+    def from_doc_ids(cls, doc_ids: torch.Tensor) -> Documents:
+        """From per-token document numbers (batch, seq): a document starts wherever the number changes."""
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        return cls.from_starts(starts)
+
+    @classmethod
+    def on_host(cls, doc_ids: torch.Tensor, device: torch.device | str) -> Documents:
+        """from_doc_ids computed on the CPU and copied to `device`: no host sync on the device's stream."""
+        return cls._moved(cls.from_doc_ids(doc_ids.cpu()), device)
+
+    @classmethod
+    def _moved(cls, host: Documents, device) -> Documents:
+        # Pageable host memory is staged by the copy call itself, so the CPU tensors may go right after.
+        tensors = {
+            name: getattr(host, name).to(device, non_blocking=True) for name in ("starts", "cu_seqlens", "doc_ids")
+        }
+        return cls(**tensors, max_seqlen=host.max_seqlen, host_starts=host.starts.numpy())
+
     def positions(self) -> torch.Tensor:
         """(batch, seq) position of each token inside its document."""
         flat_pos = torch.arange(self.starts.numel(), device=self.starts.device)
         return (flat_pos - self.cu_seqlens[self.doc_ids.flatten()].long()).view(self.starts.shape)
 
     def truncate(self, seq: int) -> Documents:
+        """The documents of the first `seq` positions of every row (multi-token prediction's depths)."""
+        if self.host_starts is not None:
+            host = Documents.from_starts(torch.from_numpy(self.host_starts[:, :seq]))
+            return Documents._moved(host, self.starts.device)
         return Documents.from_starts(self.starts[:, :seq])
 
 
@@ -167,10 +199,18 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        documents: Documents | None = None,
+        check_ids: bool = True,
     ) -> ModelOutput:
-        """input_ids (batch, seq) -> ModelOutput; with labels (batch, seq) also the losses."""
-        self._check_inputs(input_ids, labels)
-        docs = self._documents(input_ids, doc_ids, cu_seqlens)
+        """input_ids (batch, seq) -> ModelOutput; with labels (batch, seq) also the losses.
+
+        Packing comes as one of doc_ids, cu_seqlens or a prepared `documents` (Documents.on_host: no host
+        sync). `check_ids=False` skips the token-id range check, a host sync on a GPU; for callers that
+        checked the ids on the host (check_token_ids), as the trainer's data pipeline does."""
+        self._check_shapes(input_ids, labels)
+        if check_ids:
+            check_token_ids(input_ids, labels, self.cfg.vocab_size)
+        docs = self._documents(input_ids, doc_ids, cu_seqlens, documents)
         if position_ids is None:
             position_ids = docs.positions() if docs is not None else self._arange_positions(input_ids)
         packing = (docs.cu_seqlens, docs.max_seqlen) if docs is not None else (None, None)
@@ -257,46 +297,31 @@ class Transformer(nn.Module):
                 module.dropped.zero_()
 
     # ------------------------------------------------------------------ inputs
-    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+    @staticmethod
+    def _check_shapes(input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be an integer tensor of shape (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
             )
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        if input_ids.is_meta or input_ids.numel() == 0:
-            return
-        vocab = self.cfg.vocab_size
-        # One host sync, so a bad id is a Python error and not a device-side assert in the embedding.
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))
-        if lo < 0 or hi >= vocab:
-            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
-            where = ((input_ids < 0) | (input_ids >= vocab)).nonzero()[0].tolist()
-            raise ValueError(
-                f"input_ids contain token id {int(bad[0])} at (batch, position) {tuple(where)} outside the "
-                f"vocabulary [0, {vocab}); check the tokenizer matches ModelConfig.vocab_size={vocab}"
-            )
-        if labels is not None:
-            invalid = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
-            if bool(invalid.any()):
-                where = invalid.nonzero()[0].tolist()
-                raise ValueError(
-                    f"labels contain {int(labels[tuple(where)])} at (batch, position) {tuple(where)}: "
-                    f"targets must be in [0, {vocab}) or {IGNORE_INDEX} (ignored)"
-                )
 
     @staticmethod
-    def _documents(input_ids, doc_ids, cu_seqlens) -> Documents | None:
-        if doc_ids is not None and cu_seqlens is not None:
-            raise ValueError("pass either doc_ids or cu_seqlens, not both")
+    def _documents(input_ids, doc_ids, cu_seqlens, documents) -> Documents | None:
+        if sum(arg is not None for arg in (doc_ids, cu_seqlens, documents)) > 1:
+            raise ValueError("pass one of doc_ids, cu_seqlens and documents, not several")
+        if documents is not None:
+            if documents.starts.shape != input_ids.shape:
+                raise ValueError(
+                    f"documents for shape {tuple(documents.starts.shape)} must match input_ids shape {tuple(input_ids.shape)}"
+                )
+            return documents
         if doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(
                     f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
                 )
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            return Documents.from_starts(starts)
+            return Documents.from_doc_ids(doc_ids)
         if cu_seqlens is not None:
             batch, seq = input_ids.shape
             bounds = cu_seqlens.long()
@@ -327,3 +352,27 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross entropy in fp32 over positions whose label is not IGNORE_INDEX (0 if none)."""
     total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def check_token_ids(input_ids: torch.Tensor, labels: torch.Tensor | None, vocab_size: int) -> None:
+    """Every input id in [0, vocab_size) and every label there or IGNORE_INDEX, else a ValueError naming
+    the first bad (batch, position): a Python error rather than a device-side assert in the embedding.
+    On a GPU tensor this reads the result back (a host sync); on the host it is free of that."""
+    if input_ids.is_meta or input_ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"input_ids contain token id {int(input_ids[tuple(where)])} at (batch, position) {tuple(where)} outside "
+            f"the vocabulary [0, {vocab_size}); check the tokenizer matches ModelConfig.vocab_size={vocab_size}"
+        )
+    if labels is not None:
+        invalid = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if bool(invalid.any()):
+            where = invalid.nonzero()[0].tolist()
+            raise ValueError(
+                f"labels contain {int(labels[tuple(where)])} at (batch, position) {tuple(where)}: "
+                f"targets must be in [0, {vocab_size}) or {IGNORE_INDEX} (ignored)"
+            )

@@ -58,7 +58,7 @@ def train_step(
         last = i == len(batches) - 1
         with model.no_sync() if ddp and not last else nullcontext():
             with autocast():
-                out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch.get("doc_ids"))
+                out = model(**_model_inputs(batch))
             weight = n_targets[i] / total
             (out.loss * weight * mesh.dp_size).backward()
         parts = [out.loss, out.lm_loss, out.mtp_loss, out.balance_loss]
@@ -83,6 +83,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     plain.update_expert_bias(loads)  # aux-loss-free balancing on the loads of all ranks
     return StepResult(losses, float(grad_norm), tokens, router_loads=loads)
+
+
+def _model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments for a batch: a DataPipeline batch (documents prepared on the host, ids
+    checked there, so the forward needs no host sync) or a plain one (doc_ids, checked in the forward)."""
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    if "documents" in batch:
+        return {**inputs, "documents": batch["documents"], "check_ids": False}
+    return {**inputs, "doc_ids": batch.get("doc_ids")}
 
 
 def _summed_loads(plain: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor]:
@@ -111,7 +120,7 @@ def evaluate(plain: nn.Module, batches, mesh: ParallelMesh, autocast) -> dict[st
     sums = None
     for batch in batches:
         with autocast():
-            out = plain(batch["input_ids"], labels=batch["labels"], doc_ids=batch.get("doc_ids"))
+            out = plain(**_model_inputs(batch))
         n = (batch["labels"] != IGNORE_INDEX).sum().float()
         part = torch.stack([out.lm_loss.float() * n, n])
         sums = part if sums is None else sums + part

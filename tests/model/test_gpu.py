@@ -6,6 +6,9 @@ import torch
 from moetron.kernels import flash_attention, grouped_gemm, grouped_gemm_reference
 from moetron.kernels.grouped_gemm import torch_grouped_mm_supported
 from moetron.model import ModelConfig, Transformer
+from moetron.model.config import FP8Config
+from moetron.model.transformer import Documents
+from moetron.parallel.apply import apply_activation_checkpointing
 
 pytestmark = pytest.mark.gpu
 
@@ -103,3 +106,39 @@ def test_triton_attention_model_step_matches_torch_backend(preset):
     for name, grad in grads_a.items():
         err = (grads_b[name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert err < 0.15, f"{name}: relative gradient error {err:.3g}"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+def test_training_micro_step_never_waits_for_the_gpu(fp8, checkpointing):
+    """The trainer's forward and backward (packed documents and id checks prepared on the host) queue all
+    their work without a host sync: MLA, MoE dispatch, MTP, FP8 layers, recomputation. torch's sync debug
+    mode turns any synchronizing call into an error. The first call compiles and tunes kernels (which may
+    sync) and is left out."""
+    cfg = dict(vocab_size=1024, d_model=256, n_layers=3, max_seq_len=512, attention="mla", n_heads=2, q_lora_rank=128,
+               kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, ffn_hidden=512,
+               n_routed_experts=4, n_shared_experts=1, moe_ffn_hidden=128, top_k=2, first_k_dense_replace=1,
+               score_func="sigmoid", n_group=2, topk_group=1, bias_update_rate=1e-3, seq_aux_loss_alpha=1e-4,
+               mtp_depth=1)  # fmt: skip
+    model = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=fp8))).cuda()
+    apply_activation_checkpointing(model, checkpointing)
+    ids = torch.randint(0, 1024, (2, 512))
+    doc_ids = torch.cat([torch.zeros(2, 200, dtype=torch.long), torch.ones(2, 312, dtype=torch.long)], 1)
+
+    def micro_step():
+        documents = Documents.on_host(doc_ids, "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids.cuda(non_blocking=True), labels=ids.cuda(non_blocking=True), documents=documents,
+                        check_ids=False)  # fmt: skip
+        out.loss.backward()
+        return out
+
+    micro_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = micro_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moetron.kernels import grouped_gemm, grouped_gemm_reference
 from moetron.model import ModelConfig
-from moetron.model.moe import MoE, Router, balance_loss
+from moetron.model.moe import MoE, Router, balance_loss, count_per_expert
 
 
 def moe_config(**overrides):
@@ -196,3 +196,11 @@ def test_grouped_gemm_reference_zero_fills_rows_past_last_group():
     x = torch.randn(7, 4)
     y = grouped_gemm_reference(x, torch.randn(2, 3, 4), torch.tensor([2, 5], dtype=torch.int32))
     assert y.shape == (7, 3) and (y[5:] == 0).all()
+
+
+def test_count_per_expert_is_bincount():
+    expert_of = torch.randint(0, 7, (1000,))
+    expected = torch.bincount(expert_of, minlength=9)
+    got = count_per_expert(expert_of, 9)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert torch.equal(count_per_expert(torch.zeros(0, dtype=torch.int64), 3), torch.zeros(3, dtype=torch.int64))

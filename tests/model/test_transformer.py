@@ -52,6 +52,38 @@ def test_documents_positions_restart():
     assert docs.cu_seqlens.tolist() == [0, 3, 5, 6, 10]
 
 
+def test_documents_on_host_equal_documents_on_the_device():
+    """The host-built packing (what the trainer passes) is field by field the one the model builds from
+    doc_ids, and so are its truncations for multi-token prediction."""
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [5, 5, 6, 6, 6, 6, 6, 7]])
+    on_device, on_host = Documents.from_doc_ids(doc_ids), Documents.on_host(doc_ids, "cpu")
+    for a, b in [(on_device, on_host), (on_device.truncate(6), on_host.truncate(6))]:
+        for name in ("starts", "cu_seqlens", "doc_ids"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.max_seqlen == b.max_seqlen
+    assert on_host.truncate(6).host_starts.shape == (2, 6)
+    assert on_host.truncate(6).max_seqlen == 4 and on_host.max_seqlen == 5
+
+
+def test_prepared_documents_give_the_doc_ids_loss_and_gradients():
+    model = build(**MLA, mtp_depth=2, mtp_loss_weight=0.3, seq_aux_loss_alpha=0.01)
+    ids, labels = batch(model, 2, 16)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 9 + [3] * 7])
+    results = []
+    for kwargs in (dict(doc_ids=doc_ids), dict(documents=Documents.on_host(doc_ids, "cpu"), check_ids=False)):
+        model.zero_grad()
+        out = model(ids, labels=labels, **kwargs)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    with pytest.raises(ValueError, match="one of doc_ids, cu_seqlens and documents"):
+        model(ids, doc_ids=doc_ids, documents=Documents.on_host(doc_ids, "cpu"))
+    with pytest.raises(ValueError, match=r"documents for shape \(2, 16\) must match input_ids shape \(2, 8\)"):
+        model(ids[:, :8], documents=Documents.on_host(doc_ids, "cpu"))
+
+
 def test_loss_parts():
     model = build(**MLA, mtp_depth=2, mtp_loss_weight=0.3, seq_aux_loss_alpha=0.01)
     ids, labels = batch(model)
