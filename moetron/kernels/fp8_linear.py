@@ -21,6 +21,14 @@ dgrad), and W^T is saved in FP8: N*K bytes per layer and micro-batch in flight, 
 a re-quantization plus an FP8 transpose in every backward (measured: on small layers each launch is
 tens of microseconds of host time; on the mini model the transposes alone took 9% of the GPU time).
 
+Weight cache (`FP8WeightCache`, on in the model by `fp8.cache_weights`). The micro-batches of one optimizer
+step and activation checkpointing's recomputation read the same weight again and again; without the cache
+every forward quantizes it anew (two launches and a pass over the weight each). With it, a module keeps its
+weight's FP8 forms while the weight is unchanged: same storage and same version counter (every in-place
+update, the optimizer's included, bumps it). The trainer empties the caches after each optimizer step, so
+they hold memory (1 byte per weight element for W, 1 for W^T, which the backward keeps anyway) only while
+a step runs. Writing through `weight.data` bypasses the version counter: call `clear_weight_caches` after.
+
 Shapes FP8 needs: in_features % 128 == 0 (the forward reduces over it in 128-wide blocks).
 out_features may be anything: when it is not a multiple of 128 (MLA's kv_a_proj, 512 + 64 wide) the
 dgrad pads dY and W with zero rows up to the next multiple of 128; zeros change no tile's amax, so
@@ -97,42 +105,73 @@ def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: 
     return q, s, qt, st
 
 
-def _quantize_operands(x2, weight, save_x: bool, save_w: bool, pow2_scales: bool, backend):
-    """(qx, sx, qw, sw, saved): x's 1x128 tiles and W's 128x128 blocks (per expert for (E, N, K)) for the
-    forward GEMM, and the list of what the backward keeps: x^T's 1x128 tiles and scales if `save_x` (all the
-    weight gradient needs of x), W^T's blocks and scales if `save_w` (for dX = dY @ W)."""
-    qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
-    qw, sw, qwt, swt = _quantize_weight(weight, save_w, pow2_scales, backend)
-    return qx, sx, qw, sw, [*((qxt, sxt) if save_x else ()), *((qwt, swt) if save_w else ())]
+def _weight_forms(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend: str | None) -> list[torch.Tensor]:
+    """[qw, sw] and, if `transposed`, [qwt, swt]: _quantize_weight as a custom op under dispatch modes, so
+    selective checkpointing keeps the forms instead of quantizing the weight again in the backward."""
+    with torch.autocast(weight.device.type, enabled=False):
+        q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
+    return [q, s, *((qt, st) if transposed else ())]
 
 
-def _saved_forms(saved: list, save_x: bool, save_w: bool) -> tuple:
-    """(qxt, sxt, qwt, swt) from _quantize_operands' list, None for the forms not saved."""
-    qxt, sxt = saved[:2] if save_x else (None, None)
-    qwt, swt = saved[-2:] if save_w else (None, None)
-    return qxt, sxt, qwt, swt
+_weight_forms = dispatch_visible("fp8_weight_forms", _weight_forms)
+
+
+class FP8WeightCache:
+    """One weight's FP8 forms (qw, sw, qwt, swt; the last two None if not made), kept while the weight is
+    unchanged: the same storage and version counter (module docstring). `forms` returns the cached ones or
+    makes them; a request for W^T that the cached entry lacks makes them again."""
+
+    def __init__(self):
+        self._key, self._forms = None, None
+
+    def forms(self, weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend: str | None) -> tuple:
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, pow2_scales, backend)
+        if self._key != key or (transposed and self._forms[2] is None):
+            self._key, self._forms = None, None  # the stale forms go before the new ones are made
+            self._forms = weight_forms(weight, transposed, pow2_scales, backend, None)
+            self._key = key
+        return self._forms
+
+    def clear(self) -> None:
+        self._key, self._forms = None, None
+
+
+def weight_forms(weight, transposed: bool, pow2_scales: bool, backend, cache: FP8WeightCache | None) -> tuple:
+    """(qw, sw, qwt, swt) of `weight`, from `cache` when given (qwt, swt None if not `transposed`)."""
+    if cache is not None:
+        return cache.forms(weight, transposed, pow2_scales, backend)
+    forms = _weight_forms(weight, transposed, pow2_scales, backend)
+    return (*forms, *((None, None) if not transposed else ()))
+
+
+def clear_weight_caches(model: nn.Module) -> None:
+    """Empty the FP8 weight cache of every module of `model` that has one (after an optimizer step)."""
+    for module in model.modules():
+        for cache in getattr(module, "fp8_weight_caches", {}).values():
+            cache.clear()
 
 
 def _linear_forward(
     x2: torch.Tensor,
-    weight: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     save_x: bool,
-    save_w: bool,
     pow2_scales: bool,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    """FP8LinearFunction's forward work: [y (M, N), *what the backward keeps (_quantize_operands)]. A custom
-    op under dispatch modes (moetron.kernels.ops), so selective checkpointing keeps its outputs."""
+    """FP8LinearFunction's forward work on x: [y (M, N), and if `save_x` x^T's 1x128 tiles and scales (all the
+    weight gradient needs of x)]. A custom op under dispatch modes (moetron.kernels.ops), so selective
+    checkpointing keeps its outputs."""
     with torch.autocast(x2.device.type, enabled=False):
-        qx, sx, qw, sw, saved = _quantize_operands(x2, weight, save_x, save_w, pow2_scales, backend)
+        qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
         if bias is None:
             y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
         else:
             y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
             y = (y + bias.float()).to(out_dtype)
-    return [y, *saved]
+    return [y, *((qxt, sxt) if save_x else ())]
 
 
 _linear_forward = dispatch_visible("fp8_linear_forward", _linear_forward)
@@ -147,7 +186,7 @@ class FP8LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pow2_scales=False, backend=None):
+    def forward(ctx, x, weight, bias, pow2_scales=False, backend=None, cache=None):
         out_features, in_features = weight.shape
         if x.shape[-1] != in_features:
             raise ValueError(f"FP8 linear: x{tuple(x.shape)} does not end in in_features={in_features}")
@@ -159,8 +198,9 @@ class FP8LinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
         save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        y, *saved = _linear_forward(x2, weight, bias, _output_dtype(x), save_x, save_w, pow2_scales, backend)
-        ctx.save_for_backward(*_saved_forms(saved, save_x, save_w))
+        qw, sw, qwt, swt = weight_forms(weight, save_w, pow2_scales, backend, cache)
+        y, *x_forms = _linear_forward(x2, qw, sw, bias, _output_dtype(x), save_x, pow2_scales, backend)
+        ctx.save_for_backward(*(x_forms or (None, None)), qwt, swt)
         ctx.pow2_scales, ctx.backend = pow2_scales, backend
         ctx.x_dtype, ctx.x_shape, ctx.w_dtype, ctx.w_shape = x.dtype, x.shape, weight.dtype, weight.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -186,7 +226,7 @@ class FP8LinearFunction(torch.autograd.Function):
                 grad_w = grad_w[:out_features].to(ctx.w_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = dy.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def fp8_linear(x, weight, bias=None, pow2_scales: bool = False, backend: str | None = None) -> torch.Tensor:
@@ -199,10 +239,13 @@ class FP8Linear(nn.Linear):
     so checkpoints, Hugging Face import/export and initialization do not see a difference.
 
     `pow2_scales`: round every scale up to a power of two (DeepSeek-V3's UE8M0 scales), so that
-    scaling is exact. in_features must be a multiple of 128.
+    scaling is exact. `cache_weights`: keep the weight's FP8 forms while it is unchanged (FP8WeightCache).
+    in_features must be a multiple of 128.
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, pow2_scales=False):
+    def __init__(
+        self, in_features, out_features, bias=True, device=None, dtype=None, pow2_scales=False, cache_weights=False
+    ):
         if in_features % FP8_BLOCK:
             raise ValueError(
                 f"FP8Linear: in_features={in_features} must be a multiple of {FP8_BLOCK} "
@@ -210,30 +253,33 @@ class FP8Linear(nn.Linear):
             )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.pow2_scales = pow2_scales
+        self.fp8_weight_caches = {"weight": FP8WeightCache()} if cache_weights else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self.pow2_scales, None)
+        cache = self.fp8_weight_caches.get("weight")
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.pow2_scales, None, cache)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8=e4m3, pow2_scales={self.pow2_scales}"
+        cached = ", cache_weights=True" if self.fp8_weight_caches else ""
+        return f"{super().extra_repr()}, fp8=e4m3, pow2_scales={self.pow2_scales}{cached}"
 
 
 def _grouped_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
     group_ends: torch.Tensor,
     out_dtype: torch.dtype,
     save_x: bool,
-    save_w: bool,
     pow2_scales: bool,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    """FP8GroupedLinearFunction's forward work, as _linear_forward: [y (M, N), *what the backward keeps]
-    (each expert's W^T is (E, K, N)); a custom op under dispatch modes."""
+    """FP8GroupedLinearFunction's forward work on x, as _linear_forward: [y (M, N), x^T's forms if `save_x`];
+    a custom op under dispatch modes."""
     with torch.autocast(x.device.type, enabled=False):
-        qx, sx, qw, sw, saved = _quantize_operands(x, weight, save_x, save_w, pow2_scales, backend)
+        qx, sx, qxt, sxt = _quantize_forms(x, True, save_x, pow2_scales, backend)
         y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
-    return [y, *saved]
+    return [y, *((qxt, sxt) if save_x else ())]
 
 
 _grouped_forward = dispatch_visible("fp8_grouped_linear_forward", _grouped_forward)
@@ -249,7 +295,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, group_ends, pow2_scales=False, backend=None):
+    def forward(ctx, x, weight, group_ends, pow2_scales=False, backend=None, cache=None):
         n_experts, out_features, in_features = weight.shape
         if x.dim() != 2 or x.shape[1] != in_features:
             raise ValueError(f"fp8_grouped_linear: expected x (tokens, {in_features}), got x{tuple(x.shape)}")
@@ -260,10 +306,11 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     f"{FP8_BLOCK} (nearest valid: {_nearest_multiples(size)})"
                 )
         save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        y, *saved = _grouped_forward(
-            x.contiguous(), weight, group_ends, _output_dtype(x), save_x, save_w, pow2_scales, backend
+        qw, sw, qwt, swt = weight_forms(weight, save_w, pow2_scales, backend, cache)
+        y, *x_forms = _grouped_forward(
+            x.contiguous(), qw, sw, group_ends, _output_dtype(x), save_x, pow2_scales, backend
         )
-        ctx.save_for_backward(*_saved_forms(saved, save_x, save_w), group_ends)
+        ctx.save_for_backward(*(x_forms or (None, None)), qwt, swt, group_ends)
         ctx.pow2_scales, ctx.backend, ctx.x_dtype, ctx.w_dtype = pow2_scales, backend, x.dtype, weight.dtype
         return y
 
@@ -282,7 +329,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 grad_w = fp8_grouped_gemm_wgrad(
                     qdyt, sdyt, qxt, sxt, group_ends, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend
                 ).to(ctx.w_dtype)  # (E, N, K)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def fp8_grouped_linear(
@@ -291,10 +338,11 @@ def fp8_grouped_linear(
     group_ends: torch.Tensor,
     pow2_scales: bool = False,
     backend: str | None = None,
+    cache: FP8WeightCache | None = None,
 ) -> torch.Tensor:
     """`grouped_gemm(x, weight, group_ends)` in FP8 (FP8GroupedLinearFunction; groups must start at
-    multiples of 128)."""
-    return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend)
+    multiples of 128); `cache` keeps the weight's FP8 forms between calls (FP8WeightCache)."""
+    return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend, cache)
 
 
 def _quantize_weight(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend):
@@ -327,11 +375,13 @@ def _nearest_multiples(n: int) -> str:
 
 __all__ = [
     "FP8Linear",
+    "FP8WeightCache",
     "FP8LinearFunction",
     "FP8GroupedLinearFunction",
     "FP8_BLOCK",
     "FP8_GEMM_RELATIVE_ERROR",
     "FP8_UNIT_ROUNDOFF",
+    "clear_weight_caches",
     "fp8_grouped_linear",
     "fp8_linear",
 ]

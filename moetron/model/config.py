@@ -57,6 +57,9 @@ class FP8Config:
 
     enabled: bool = False
     pow2_scales: bool = False  # round scales up to powers of two (DeepSeek's UE8M0): exact rescaling
+    # Quantize each weight once while it is unchanged, not in every micro-batch's forward and recomputation
+    # (moetron.kernels.fp8_linear.FP8WeightCache); the trainer empties the caches after each optimizer step.
+    cache_weights: bool = True
     layers: list[str] = field(default_factory=lambda: list(FP8_LAYER_GROUPS))
 
     def group(self, name: str) -> FP8Config | None:

@@ -17,7 +17,9 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, fp8: FP
     """nn.Linear, or FP8Linear (same parameters, GEMMs in FP8) when `fp8` is given and enabled. Layers that
     must stay in higher precision (embedding, output head, router, MTP projection) do not pass `fp8`."""
     if fp8 is not None and fp8.enabled:
-        return FP8Linear(in_features, out_features, bias=bias, pow2_scales=fp8.pow2_scales)
+        return FP8Linear(
+            in_features, out_features, bias=bias, pow2_scales=fp8.pow2_scales, cache_weights=fp8.cache_weights
+        )
     return nn.Linear(in_features, out_features, bias=bias)
 
 

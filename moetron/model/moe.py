@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels import grouped_gemm
-from moetron.kernels.fp8_linear import FP8_BLOCK, fp8_grouped_linear
+from moetron.kernels.fp8_linear import FP8_BLOCK, FP8WeightCache, fp8_grouped_linear
 from moetron.model.config import FP8Config, ModelConfig
 from moetron.model.layers import SwiGLU
 
@@ -111,15 +111,19 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.fp8 = fp8 is not None and fp8.enabled
         self.pow2_scales = self.fp8 and fp8.pow2_scales
+        cache = self.fp8 and fp8.cache_weights
+        names = ("gate_proj", "up_proj", "down_proj")
+        self.fp8_weight_caches = {name: FP8WeightCache() for name in names} if cache else {}
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, d_model) sorted by expert; group_ends (n_experts,) cumulative counts."""
-        h = F.silu(self._mm(x, self.gate_proj, group_ends)) * self._mm(x, self.up_proj, group_ends)
-        return self._mm(h, self.down_proj, group_ends)
+        h = F.silu(self._mm(x, "gate_proj", group_ends)) * self._mm(x, "up_proj", group_ends)
+        return self._mm(h, "down_proj", group_ends)
 
-    def _mm(self, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    def _mm(self, x: torch.Tensor, name: str, group_ends: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, name)
         if self.fp8:
-            return fp8_grouped_linear(x, weight, group_ends, self.pow2_scales)
+            return fp8_grouped_linear(x, weight, group_ends, self.pow2_scales, cache=self.fp8_weight_caches.get(name))
         return grouped_gemm(x, weight, group_ends)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moetron.kernels.fp8_linear import clear_weight_caches
 from moetron.model.transformer import IGNORE_INDEX
 from moetron.parallel.mesh import ParallelMesh
 
@@ -76,9 +77,11 @@ def train_step(
     loads = _summed_loads(plain, mesh)
     if problem is not None:
         optimizer.zero_grad(set_to_none=True)
+        clear_weight_caches(plain)
         plain.reset_router_stats()
         return StepResult(losses, float(grad_norm), tokens, skipped=True, problem=f"step {step}: {problem}")
     optimizer.step()
+    clear_weight_caches(plain)  # the FP8 forms of the old weights (model.fp8.cache_weights)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     plain.update_expert_bias(loads)  # aux-loss-free balancing on the loads of all ranks

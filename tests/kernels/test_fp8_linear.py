@@ -12,6 +12,8 @@ from moetron.kernels.fp8_linear import (
     FP8_GEMM_RELATIVE_ERROR,
     FP8_UNIT_ROUNDOFF,
     FP8Linear,
+    FP8WeightCache,
+    clear_weight_caches,
     fp8_grouped_linear,
     fp8_linear,
 )
@@ -304,7 +306,7 @@ def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, 
     _, fp8 = pair(256, 144, bias=False)
     fp8.weight.requires_grad_(weight_grad)
     weight_form = "quantize_128x128_dual" if input_grad else "quantize_128x128"
-    forward = activation_forms(True, weight_grad) + [weight_form]
+    forward = [weight_form] + activation_forms(True, weight_grad)
     backward = activation_forms(input_grad, weight_grad)
     x = torch.randn(70, 256).requires_grad_(input_grad)
     fp8(x).backward(torch.randn(70, 144))
@@ -315,6 +317,57 @@ def test_fp8_linear_quantizes_only_the_forms_it_needs(monkeypatch, weight_grad, 
     weight = (torch.randn(2, 128, 128) * 0.05).requires_grad_(weight_grad)
     fp8_grouped_linear(x, weight, group_ends).sum().backward()
     assert calls == forward + backward
+
+
+def test_weight_cache_quantizes_a_weight_once_per_version(monkeypatch):
+    """With cache_weights, two micro-batches and a checkpointed recomputation quantize the weight once and
+    give the uncached layer's outputs and gradients bit for bit; an in-place update (as the optimizer's)
+    makes the next forward quantize again, and clear_weight_caches empties the cache."""
+    calls = spy_quantizers(monkeypatch)
+    _, plain = pair(256, 144, bias=True)
+    cached = FP8Linear(256, 144, bias=True, cache_weights=True)
+    cached.load_state_dict(plain.state_dict())
+    xs = [torch.randn(70, 256, requires_grad=True) for _ in range(2)]
+    results = []
+    for layer in (plain, cached):
+        calls.clear()
+        outs = []
+        for x in xs:
+            x.grad = None
+            y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)  # forward runs twice
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), x.grad.clone()))
+        results.append((outs, layer.weight.grad.clone(), layer.bias.grad.clone(), calls.count("quantize_128x128_dual")))
+        layer.weight.grad = layer.bias.grad = None
+    (outs_plain, gw_plain, gb_plain, n_plain), (outs_cached, gw_cached, gb_cached, n_cached) = results
+    assert (n_plain, n_cached) == (4, 1)  # 2 micro-batches x (forward + recomputation), against once
+    for (y0, gx0), (y1, gx1) in zip(outs_plain, outs_cached):
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert torch.equal(gw_plain, gw_cached) and torch.equal(gb_plain, gb_cached)
+
+    calls.clear()
+    with torch.no_grad():
+        cached.weight.mul_(0.5)  # a new version of the weight
+    y = cached(xs[0])
+    assert calls.count("quantize_128x128_dual") == 1
+    plain.load_state_dict(cached.state_dict())
+    assert torch.equal(y, plain(xs[0]))  # the new weight's forms, not the stale ones
+    clear_weight_caches(nn.Sequential(cached))
+    calls.clear()
+    cached(xs[0])
+    assert calls.count("quantize_128x128_dual") == 1
+
+
+def test_grouped_weight_cache_quantizes_once():
+    group_ends, real, _ = padded_groups([30, 130])
+    weight = (torch.randn(2, 128, 128) * 0.05).requires_grad_(True)
+    cache = FP8WeightCache()
+    x = torch.randn(real.numel(), 128) * real[:, None]
+    first = fp8_grouped_linear(x, weight, group_ends, cache=cache)
+    forms = cache.forms(weight, True, False, None)
+    again = fp8_grouped_linear(x, weight, group_ends, cache=cache)
+    assert cache.forms(weight, True, False, None)[0] is forms[0]  # not made again
+    assert torch.equal(first, again) and torch.equal(first, fp8_grouped_linear(x, weight, group_ends))
 
 
 # ------------------------------------------------------------------------------------------- GPU
