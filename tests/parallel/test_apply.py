@@ -62,16 +62,20 @@ class _Layers(nn.Module):
         self.layers, self.mtp = layers, []
 
 
+@pytest.mark.parametrize("cache_weights", [False, True])
 @pytest.mark.parametrize("mode, gemms", [("none", 6), ("selective", 6), ("full", 8)])
-def test_selective_checkpointing_keeps_fp8_layer_outputs(monkeypatch, mode, gemms):
+def test_selective_checkpointing_keeps_fp8_layer_outputs(monkeypatch, mode, gemms, cache_weights):
     """Selective checkpointing saves an FP8 linear layer's forward (a custom op, moetron/kernels/ops.py)
     instead of re-running its quantizers and GEMM in the backward: two layers make 2 forward + 4 backward
-    GEMMs, and full checkpointing 2 more. Gradients equal the unwrapped block's exactly."""
+    GEMMs, and full checkpointing 2 more. Gradients equal the unwrapped block's exactly, with and without
+    the FP8 weight cache."""
     from moetron.kernels import fp8_linear
     from moetron.kernels.fp8_linear import FP8Linear
 
     torch.manual_seed(0)
-    block = nn.Sequential(FP8Linear(256, 256), nn.GELU(), FP8Linear(256, 128))
+    block = nn.Sequential(
+        FP8Linear(256, 256, cache_weights=cache_weights), nn.GELU(), FP8Linear(256, 128, cache_weights=cache_weights)
+    )
     x = torch.randn(2, 64, 256, requires_grad=True)
     block(x).square().sum().backward()
     want = [t.grad.clone() for t in (x, *block.parameters())]
