@@ -333,25 +333,33 @@ def test_hydra_composes_fp8():
 
 def test_training_run_in_fp8_with_bf16_autocast_and_checkpointing(tmp_path):
     """The trainer needs nothing FP8-specific: `model.fp8.enabled=true` trains (bf16 autocast, full
-    activation checkpointing, which re-runs the FP8 forward) with finite losses."""
+    activation checkpointing, which re-runs the FP8 forward, two micro-batches a step) with finite losses.
+    With `model.fp8.cache_weights=true` the losses are the same bit for bit: every step quantizes the
+    weights the optimizer just updated, never the previous step's."""
     import json
 
     from moetron.train import run
 
-    overrides = [
-        "model=tiny", "model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128",
-        "model.fp8.enabled=true", "data.seq_len=64", "data.micro_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
-        "logging.wandb=false", "logging.console=false", "logging.log_every=1", "optim.warmup_steps=1",
-        "trainer.device=cpu", "trainer.precision=bf16", "trainer.activation_checkpointing=full",
-        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.steps=3", f"trainer.run_dir={tmp_path / 'run'}",
-    ]  # fmt: skip
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides)
-    run(cfg, run_dir=tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r.get("loss") is not None]
-    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
-    assert "enabled: true" in (tmp_path / "run" / "config.yaml").read_text()
+    losses = {}
+    for cache in ("false", "true"):
+        run_dir = tmp_path / f"run_{cache}"
+        overrides = [
+            "model=tiny", "model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128",
+            "model.fp8.enabled=true", f"model.fp8.cache_weights={cache}", "data.seq_len=64", "data.micro_batch_size=2",
+            f"data.cache_dir={tmp_path / 'cache'}", "logging.wandb=false", "logging.console=false",
+            "logging.log_every=1", "optim.warmup_steps=1", "trainer.device=cpu", "trainer.precision=bf16",
+            "trainer.activation_checkpointing=full", "trainer.grad_accum=2", "trainer.eval_every=0",
+            "trainer.checkpoint_every=0", "trainer.steps=3", f"trainer.run_dir={run_dir}",
+        ]  # fmt: skip
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            cfg = compose("train", overrides)
+        run(cfg, run_dir=run_dir)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[cache] = [r["loss"] for r in records if r.get("loss") is not None]
+        assert "enabled: true" in (run_dir / "config.yaml").read_text()
+    assert len(losses["false"]) == 3 and all(0 < loss < 20 for loss in losses["false"])
+    assert losses["true"] == losses["false"]
+    assert len(set(losses["false"])) == 3  # the steps did change the weights
 
 
 @pytest.mark.gpu
