@@ -108,7 +108,7 @@ def test_triton_attention_model_step_matches_torch_backend(preset):
         assert err < 0.15, f"{name}: relative gradient error {err:.3g}"
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", ["off", "on", "cached"])
 @pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
 def test_training_micro_step_never_waits_for_the_gpu(fp8, checkpointing):
     """The trainer's forward and backward (packed documents and id checks prepared on the host) queue all
@@ -120,7 +120,8 @@ def test_training_micro_step_never_waits_for_the_gpu(fp8, checkpointing):
                n_routed_experts=4, n_shared_experts=1, moe_ffn_hidden=128, top_k=2, first_k_dense_replace=1,
                score_func="sigmoid", n_group=2, topk_group=1, bias_update_rate=1e-3, seq_aux_loss_alpha=1e-4,
                mtp_depth=1)  # fmt: skip
-    model = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=fp8))).cuda()
+    fp8_cfg = FP8Config(enabled=fp8 != "off", cache_weights=fp8 == "cached")
+    model = Transformer(ModelConfig(**cfg, fp8=fp8_cfg)).cuda()
     apply_activation_checkpointing(model, checkpointing)
     ids = torch.randint(0, 1024, (2, 512))
     doc_ids = torch.cat([torch.zeros(2, 200, dtype=torch.long), torch.ones(2, 312, dtype=torch.long)], 1)
