@@ -195,6 +195,18 @@ def _scale_from_amax(amax: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
     return scale
 
 
+def _reference(fn):
+    """A torch reference runs without autograd and without autocast (its matmuls, stacks and casts stay in the
+    dtypes it chose, whatever the caller's autocast: FP8 layers call the references on the CPU)."""
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        with torch.no_grad(), torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return run
+
+
 def ceil_pow2(scale: torch.Tensor) -> torch.Tensor:
     """Smallest power of two >= scale, exactly, for positive normal fp32: adding 2^23 - 1 to the bits carries
     into the exponent iff the mantissa is non-zero; then the mantissa is cleared."""
@@ -217,13 +229,13 @@ def _quantize_rows(xf: torch.Tensor, pow2_scales: bool):
     return _to_fp8(blocks, scale[..., None]).reshape(rows, cols), scale
 
 
-@torch.no_grad()
+@_reference
 def quantize_1x128_reference(x: torch.Tensor, *, pow2_scales: bool = False):
     _check_quant_input("quantize_1x128", x, need_k_blocks=True)
     return _quantize_rows(x.float(), pow2_scales)
 
 
-@torch.no_grad()
+@_reference
 def quantize_1x128_t_reference(x: torch.Tensor, *, pow2_scales: bool = False):
     _check_quant_input("quantize_1x128_t", x, need_k_blocks=False)
     m = x.shape[0]
@@ -232,7 +244,7 @@ def quantize_1x128_t_reference(x: torch.Tensor, *, pow2_scales: bool = False):
     return _quantize_rows(xt, pow2_scales)
 
 
-@torch.no_grad()
+@_reference
 def quantize_1x128_dual_reference(x: torch.Tensor, *, pow2_scales: bool = False):
     _check_quant_input("quantize_1x128_dual", x, need_k_blocks=True)
     q, s = quantize_1x128_reference(x, pow2_scales=pow2_scales)
@@ -240,7 +252,7 @@ def quantize_1x128_dual_reference(x: torch.Tensor, *, pow2_scales: bool = False)
     return q, s, qt, st
 
 
-@torch.no_grad()
+@_reference
 def quantize_128x128_reference(w: torch.Tensor, *, pow2_scales: bool = False):
     _check_quant_input("quantize_128x128", w, need_k_blocks=True)
     n, k = w.shape
@@ -252,7 +264,7 @@ def quantize_128x128_reference(w: torch.Tensor, *, pow2_scales: bool = False):
     return q, scale
 
 
-@torch.no_grad()
+@_reference
 def quantize_128x128_dual_reference(w: torch.Tensor, *, pow2_scales: bool = False):
     _check_weight_input("quantize_128x128_dual", w)
     if w.dim() == 3:
@@ -285,13 +297,13 @@ def _b_scale_rows(b_scale: torch.Tensor, n: int) -> torch.Tensor:
     return b_scale.repeat_interleave(SCALE_BLOCK, dim=0)[:n]
 
 
-@torch.no_grad()
+@_reference
 def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     _check_gemm("fp8_gemm", a, a_scale, b, b_scale, out_dtype)
     return _block_scaled_mm(a, a_scale, b, _b_scale_rows(b_scale, b.shape[0])).to(out_dtype)
 
 
-@torch.no_grad()
+@_reference
 def fp8_grouped_gemm_reference(
     a, a_scale, b, b_scale, group_ends, out_dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
@@ -306,7 +318,7 @@ def fp8_grouped_gemm_reference(
     return out
 
 
-@torch.no_grad()
+@_reference
 def fp8_grouped_gemm_wgrad_reference(
     a_t, a_t_scale, b_t, b_t_scale, group_ends, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -108,8 +108,7 @@ def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: 
 def _weight_forms(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend: str | None) -> list[torch.Tensor]:
     """[qw, sw] and, if `transposed`, [qwt, swt]: _quantize_weight as a custom op under dispatch modes, so
     selective checkpointing keeps the forms instead of quantizing the weight again in the backward."""
-    with torch.autocast(weight.device.type, enabled=False):
-        q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
+    q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
     return _unaliased([q, s, *((qt, st) if transposed else ())])
 
 
@@ -175,13 +174,12 @@ def _linear_forward(
     """FP8LinearFunction's forward work on x: [y (M, N), and if `save_x` x^T's 1x128 tiles and scales (all the
     weight gradient needs of x)]. A custom op under dispatch modes (moetron.kernels.ops), so selective
     checkpointing keeps its outputs."""
-    with torch.autocast(x2.device.type, enabled=False):
-        qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
-        if bias is None:
-            y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
-        else:
-            y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
-            y = (y + bias.float()).to(out_dtype)
+    qx, sx, qxt, sxt = _quantize_forms(x2, True, save_x, pow2_scales, backend)
+    if bias is None:
+        y = fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype, backend=backend)
+    else:
+        y = fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32, backend=backend)
+        y = (y + bias.float()).to(out_dtype)
     return [y, *((qxt, sxt) if save_x else ())]
 
 
@@ -226,17 +224,16 @@ class FP8LinearFunction(torch.autograd.Function):
         dy = grad_out.reshape(-1, out_features)  # (M, N)
         dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
         grad_x = grad_w = grad_b = None
-        with torch.autocast(dy.device.type, enabled=False):
-            # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad))
-            qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, *ctx.needs_input_grad[:2], pow2, backend)
-            if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
-                grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
-            if ctx.needs_input_grad[1]:
-                # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
-                grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
-                grad_w = grad_w[:out_features].to(ctx.w_dtype)
-            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-                grad_b = dy.float().sum(0).to(ctx.bias_dtype)
+        # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad))
+        qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, *ctx.needs_input_grad[:2], pow2, backend)
+        if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
+            grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
+            grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
+            grad_w = grad_w[:out_features].to(ctx.w_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -287,9 +284,8 @@ def _grouped_forward(
 ) -> list[torch.Tensor]:
     """FP8GroupedLinearFunction's forward work on x, as _linear_forward: [y (M, N), x^T's forms if `save_x`];
     a custom op under dispatch modes."""
-    with torch.autocast(x.device.type, enabled=False):
-        qx, sx, qxt, sxt = _quantize_forms(x, True, save_x, pow2_scales, backend)
-        y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
+    qx, sx, qxt, sxt = _quantize_forms(x, True, save_x, pow2_scales, backend)
+    y = fp8_grouped_gemm(qx, sx, qw, sw, group_ends, out_dtype=out_dtype, backend=backend)
     return [y, *((qxt, sxt) if save_x else ())]
 
 
@@ -331,15 +327,14 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         pow2, backend = ctx.pow2_scales, ctx.backend
         dy = grad_out.contiguous()  # (M, N)
         grad_x = grad_w = None
-        with torch.autocast(dy.device.type, enabled=False):
-            # N % 128 == 0 (checked in the forward): dY's 1x128 tiles (dgrad) and dY^T's (wgrad)
-            qdy, sdy, qdyt, sdyt = _quantize_forms(dy, *ctx.needs_input_grad[:2], pow2, backend)
-            if ctx.needs_input_grad[0]:  # W^T (E, K, N) as quantized in the forward
-                grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
-            if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
-                grad_w = fp8_grouped_gemm_wgrad(
-                    qdyt, sdyt, qxt, sxt, group_ends, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend
-                ).to(ctx.w_dtype)  # (E, N, K)
+        # N % 128 == 0 (checked in the forward): dY's 1x128 tiles (dgrad) and dY^T's (wgrad)
+        qdy, sdy, qdyt, sdyt = _quantize_forms(dy, *ctx.needs_input_grad[:2], pow2, backend)
+        if ctx.needs_input_grad[0]:  # W^T (E, K, N) as quantized in the forward
+            grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
+        if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
+            grad_w = fp8_grouped_gemm_wgrad(
+                qdyt, sdyt, qxt, sxt, group_ends, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend
+            ).to(ctx.w_dtype)  # (E, N, K)
         return grad_x, grad_w, None, None, None, None
 
 
