@@ -273,7 +273,7 @@ def quantize_128x128_dual_reference(w: torch.Tensor, *, pow2_scales: bool = Fals
     q, s = quantize_128x128_reference(w, pow2_scales=pow2_scales)
     n_pad = s.shape[0] * SCALE_BLOCK
     qt = F.pad(q.view(torch.uint8), (0, 0, 0, n_pad - q.shape[0])).view(FP8_DTYPE).t().contiguous()  # (K, N_pad)
-    return q, s, qt, s.t().contiguous()
+    return q, s, qt, s.t().clone(memory_format=torch.contiguous_format)  # a copy even where s.t() is contiguous
 
 
 def _block_scaled_mm(a, a_scale, b, b_scale_rows) -> torch.Tensor:

@@ -109,18 +109,7 @@ def _weight_forms(weight: torch.Tensor, transposed: bool, pow2_scales: bool, bac
     """[qw, sw] and, if `transposed`, [qwt, swt]: _quantize_weight as a custom op under dispatch modes, so
     selective checkpointing keeps the forms instead of quantizing the weight again in the backward."""
     q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
-    return _unaliased([q, s, *((qt, st) if transposed else ())])
-
-
-def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors, each sharing memory with none before it (a custom op's outputs may not alias each
-    other; the torch references return W^T's scales as a view of W's)."""
-    seen, out = set(), []
-    for t in tensors:
-        storage = t.untyped_storage().data_ptr()
-        out.append(t.clone() if storage in seen else t)
-        seen.add(storage)
-    return out
+    return [q, s, *((qt, st) if transposed else ())]
 
 
 _weight_forms = dispatch_visible("fp8_weight_forms", _weight_forms)
