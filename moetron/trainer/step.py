@@ -48,8 +48,9 @@ def train_step(
     grad_clip: float,
     step: int,
 ) -> StepResult:
-    """`model` is what to call (DDP-wrapped or not), `plain` the Transformer under it; `batches` the
-    micro-batches of this rank, already on the device; `autocast` a context factory."""
+    """`model` is what to call (DDP-wrapped or not), `plain` the Transformer under it; `batches` this rank's
+    micro-batches from the DataPipeline (on the device, ids checked and documents prepared on the host, so
+    the forwards run with check_ids=False and no host sync); `autocast` a context factory."""
     device = batches[0]["input_ids"].device
     n_targets = [(b["labels"] != IGNORE_INDEX).sum() for b in batches]
     total = mesh.all_reduce_dp(torch.stack(n_targets).sum().float()).clamp(min=1)
@@ -59,7 +60,7 @@ def train_step(
         last = i == len(batches) - 1
         with model.no_sync() if ddp and not last else nullcontext():
             with autocast():
-                out = model(**_model_inputs(batch))
+                out = model(batch["input_ids"], labels=batch["labels"], documents=batch["documents"], check_ids=False)
             weight = n_targets[i] / total
             (out.loss * weight * mesh.dp_size).backward()
         parts = [out.loss, out.lm_loss, out.mtp_loss, out.balance_loss]
@@ -68,6 +69,7 @@ def train_step(
             * weight
         )
     losses_t = mesh.all_reduce_dp(sums)
+    clear_weight_caches(plain)  # the micro-batches are done with this step's FP8 weight forms (model.fp8.cache_weights)
 
     params = [p for p in plain.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
@@ -77,24 +79,13 @@ def train_step(
     loads = _summed_loads(plain, mesh)
     if problem is not None:
         optimizer.zero_grad(set_to_none=True)
-        clear_weight_caches(plain)
         plain.reset_router_stats()
         return StepResult(losses, float(grad_norm), tokens, skipped=True, problem=f"step {step}: {problem}")
     optimizer.step()
-    clear_weight_caches(plain)  # the FP8 forms of the old weights (model.fp8.cache_weights)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     plain.update_expert_bias(loads)  # aux-loss-free balancing on the loads of all ranks
     return StepResult(losses, float(grad_norm), tokens, router_loads=loads)
-
-
-def _model_inputs(batch: dict) -> dict:
-    """The model's keyword arguments for a batch: a DataPipeline batch (documents prepared on the host, ids
-    checked there, so the forward needs no host sync) or a plain one (doc_ids, checked in the forward)."""
-    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
-    if "documents" in batch:
-        return {**inputs, "documents": batch["documents"], "check_ids": False}
-    return {**inputs, "doc_ids": batch.get("doc_ids")}
 
 
 def _summed_loads(plain: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor]:
@@ -123,7 +114,7 @@ def evaluate(plain: nn.Module, batches, mesh: ParallelMesh, autocast) -> dict[st
     sums = None
     for batch in batches:
         with autocast():
-            out = plain(**_model_inputs(batch))
+            out = plain(batch["input_ids"], labels=batch["labels"], documents=batch["documents"], check_ids=False)
         n = (batch["labels"] != IGNORE_INDEX).sum().float()
         part = torch.stack([out.lm_loss.float() * n, n])
         sums = part if sums is None else sums + part
