@@ -25,7 +25,7 @@ Weight cache (`FP8WeightCache`, on in the model by `fp8.cache_weights`). The mic
 step and activation checkpointing's recomputation read the same weight again and again; without the cache
 every forward quantizes it anew (two launches and a pass over the weight each). With it, a module keeps its
 weight's FP8 forms while the weight is unchanged: same storage and same version counter (every in-place
-update, the optimizer's included, bumps it). The trainer empties the caches after each optimizer step, so
+update, the optimizer's included, bumps it). The trainer empties the caches once a step's micro-batches are done, so
 they hold memory (1 byte per weight element for W, 1 for W^T, which the backward keeps anyway) only while
 a step runs. Writing through `weight.data` bypasses the version counter: call `clear_weight_caches` after.
 
@@ -144,7 +144,7 @@ def weight_forms(weight, transposed: bool, pow2_scales: bool, backend, cache: FP
 
 
 def clear_weight_caches(model: nn.Module) -> None:
-    """Empty the FP8 weight cache of every module of `model` that has one (after an optimizer step)."""
+    """Empty the FP8 weight cache of every module of `model` that has one (once a step's micro-batches are done)."""
     for module in model.modules():
         for cache in getattr(module, "fp8_weight_caches", {}).values():
             cache.clear()

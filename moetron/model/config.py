@@ -58,7 +58,7 @@ class FP8Config:
     enabled: bool = False
     pow2_scales: bool = False  # round scales up to powers of two (DeepSeek's UE8M0): exact rescaling
     # Quantize each weight once while it is unchanged, not in every micro-batch's forward and recomputation
-    # (moetron.kernels.fp8_linear.FP8WeightCache); the trainer empties the caches after each optimizer step.
+    # (moetron.kernels.fp8_linear.FP8WeightCache); the trainer empties the caches once a step's micro-batches are done.
     # Off by default: on deepseek_v3_mini with full checkpointing it changed tokens/s by less than the
     # run-to-run spread and held 4.8 GB more (bench/results/train_step_sync_free_and_fp8_weight_cache.json).
     cache_weights: bool = False
