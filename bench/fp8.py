@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import kernel_breakdown_us, median_ms  # bench/timing.py (this script's directory is on sys.path)
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
@@ -70,45 +70,6 @@ QUICK_LINEAR = [(2048, 1024, 512, "quick", False), (2048, 1024, 512, "quick", Tr
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds of one call of `fn`: CUDA events around each call on the GPU (no L2 flush
-    between calls), perf_counter on the CPU (wiring smoke tests only)."""
-    if device.type != "cuda":
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    fn()
-    estimate = estimate_ms(fn, 3)
-    for _ in range(max(1, int(warmup_ms / estimate))):
-        fn()
-    reps = min(max(int(rep_ms / estimate), 20), 2000)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def estimate_ms(fn: Callable[[], object], calls: int) -> float:
-    """Milliseconds per call of `fn` on the GPU from `calls` back-to-back calls (at least 1 us): how many calls
-    fill a warm-up or a timing window."""
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return max(start.elapsed_time(end) / calls, 1e-3)
-
-
 def measure(row: dict, impls: dict[str, Callable[[], object]], flops: float, args, device) -> None:
     """row[name] = TFLOP/s of each implementation, or None and row[name_error] = the first line of
     its exception."""
@@ -122,27 +83,6 @@ def measure(row: dict, impls: dict[str, Callable[[], object]], flops: float, arg
         finally:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-
-
-def kernel_breakdown_us(fn: Callable[[], object], calls: int = 5) -> dict[str, float]:
-    """GPU microseconds per call of `fn` by kernel (name cut to 60 characters), from torch.profiler over `calls`
-    calls, largest first; "busy" is their sum. Where a call's time goes: GEMMs, quantizers, casts."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    per: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            name = e.name[:60]
-            per[name] = per.get(name, 0.0) + e.time_range.elapsed_us() / calls
-    out = {"busy": round(sum(per.values()), 1)}
-    out.update((k, round(v, 1)) for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
-    return out
 
 
 def add_ratios(row: dict, pairs: list[tuple[str, str]]) -> None:

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fp8 import estimate_ms, rowwise, tensorwise  # noqa: E402  (bench/fp8.py: the same peer operands)
+from fp8 import rowwise, tensorwise  # noqa: E402  (bench/fp8.py: the same peer operands)
+from timing import estimate_ms  # noqa: E402  (bench/timing.py)
 
 # NVML's clocks-event (throttle) reason bits, nvml.h
 THROTTLE_BITS = {

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import kernel_breakdown_us  # bench/timing.py (this script's directory is on sys.path)
 from torch import nn
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from moetron.kernels.fp8_linear import FP8Linear, fp8_grouped_linear
 from moetron.kernels.launch import FastLaunch
@@ -70,11 +69,7 @@ def measure(model, cfg, batch: int, seq: int, warmup: int, steps: int, rounds: i
             torch.cuda.synchronize()
             walls[on].append((time.perf_counter() - start) / steps)
     FastLaunch.on = True
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    gpu_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-    row = {"gpu_busy_ms": round(gpu_us / 1e3, 1)}
+    row = {"gpu_busy_ms": round(kernel_breakdown_us(step, calls=1)["busy"] / 1e3, 1)}
     for on, name in ((True, "fast_launch"), (False, "triton_launch")):
         wall_s = statistics.median(walls[on])
         row[name] = {
