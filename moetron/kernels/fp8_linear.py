@@ -118,13 +118,16 @@ _weight_forms = dispatch_visible("fp8_weight_forms", _weight_forms)
 class FP8WeightCache:
     """One weight's FP8 forms (qw, sw, qwt, swt; the last two None if not made), kept while the weight is
     unchanged: the same storage and version counter (module docstring). `forms` returns the cached ones or
-    makes them; a request for W^T that the cached entry lacks makes them again."""
+    makes them; a request for W^T that the cached entry lacks makes them again. `weight` may be a tuple of
+    weights stacked along their rows (sibling layers, `fp8_shared_input`): the entry then holds the stack's
+    forms, kept while every one of them is unchanged."""
 
     def __init__(self):
         self._key, self._forms = None, None
 
-    def forms(self, weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend: str | None) -> tuple:
-        key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, pow2_scales, backend)
+    def forms(self, weight, transposed: bool, pow2_scales: bool, backend: str | None) -> tuple:
+        weights = weight if isinstance(weight, tuple) else (weight,)
+        key = (*((w.data_ptr(), w._version, w.shape, w.dtype) for w in weights), pow2_scales, backend)
         if self._key != key or (transposed and self._forms[2] is None):
             self._key, self._forms = None, None  # the stale forms go before the new ones are made
             self._forms = weight_forms(weight, transposed, pow2_scales, backend, None)
@@ -136,9 +139,12 @@ class FP8WeightCache:
 
 
 def weight_forms(weight, transposed: bool, pow2_scales: bool, backend, cache: FP8WeightCache | None) -> tuple:
-    """(qw, sw, qwt, swt) of `weight`, from `cache` when given (qwt, swt None if not `transposed`)."""
+    """(qw, sw, qwt, swt) of `weight`, from `cache` when given (qwt, swt None if not `transposed`). A tuple of
+    weights (N_i, K) is quantized as their stack (sum N_i, K)."""
     if cache is not None:
         return cache.forms(weight, transposed, pow2_scales, backend)
+    if isinstance(weight, tuple):
+        weight = weight[0] if len(weight) == 1 else torch.cat(weight)
     forms = _weight_forms(weight, transposed, pow2_scales, backend)
     return (*forms, *((None, None) if not transposed else ()))
 
@@ -178,14 +184,24 @@ _linear_forward = dispatch_visible("fp8_linear_forward", _linear_forward)
 class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
-    forward(x (..., K), weight (N, K), bias (N,) or None, pow2_scales, backend) -> (..., N) in the
-    autocast dtype under autocast, else x's dtype. The bias is added in fp32 to the fp32 GEMM output.
+    forward(x (..., K), weight (N, K), bias (N,) or None, pow2_scales, backend, cache, *siblings) -> (..., N) in
+    the autocast dtype under autocast, else x's dtype. The bias is added in fp32 to the fp32 GEMM output.
     Gradients come back in the dtypes of x, weight and bias.
+
+    `siblings`: more weights (N_i, K) that read the same x (fp8_shared_input), no bias. The output is then
+    x @ [weight; siblings...]^T, (..., N + sum N_i): one quantization of x, one GEMM each for y, dX and dW
+    instead of one per weight, and dX summed over the weights inside the GEMM's fp32 accumulator. Every weight
+    but the last needs N % 128 == 0, so that no 128x128 block and no 1x128 tile of dY spans two weights: each
+    weight's FP8 bytes and scales are then those it has alone.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pow2_scales=False, backend=None, cache=None):
-        out_features, in_features = weight.shape
+    def forward(ctx, x, weight, bias, pow2_scales=False, backend=None, cache=None, *siblings):
+        weights = (weight, *siblings)
+        in_features = weight.shape[1]
+        if siblings:
+            _check_siblings(weights, bias)
+        out_features = sum(w.shape[0] for w in weights)
         if x.shape[-1] != in_features:
             raise ValueError(f"FP8 linear: x{tuple(x.shape)} does not end in in_features={in_features}")
         if in_features % FP8_BLOCK:
@@ -195,12 +211,14 @@ class FP8LinearFunction(torch.autograd.Function):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
-        save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        qw, sw, qwt, swt = weight_forms(weight, save_w, pow2_scales, backend, cache)
+        w_grads = (ctx.needs_input_grad[1], *ctx.needs_input_grad[6:])
+        save_x, save_w = any(w_grads), ctx.needs_input_grad[0]
+        qw, sw, qwt, swt = weight_forms(weights if siblings else weight, save_w, pow2_scales, backend, cache)
         y, *x_forms = _linear_forward(x2, qw, sw, bias, _output_dtype(x), save_x, pow2_scales, backend)
         ctx.save_for_backward(*(x_forms or (None, None)), qwt, swt)
-        ctx.pow2_scales, ctx.backend = pow2_scales, backend
-        ctx.x_dtype, ctx.x_shape, ctx.w_dtype, ctx.w_shape = x.dtype, x.shape, weight.dtype, weight.shape
+        ctx.pow2_scales, ctx.backend, ctx.w_grads = pow2_scales, backend, w_grads
+        ctx.x_dtype, ctx.x_shape, ctx.w_dtype = x.dtype, x.shape, weight.dtype
+        ctx.w_shape, ctx.w_rows = (out_features, in_features), [w.shape[0] for w in weights]
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*lead, out_features)
 
@@ -212,18 +230,40 @@ class FP8LinearFunction(torch.autograd.Function):
         n_pad = _round_up(out_features, FP8_BLOCK)
         dy = grad_out.reshape(-1, out_features)  # (M, N)
         dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_b = None
+        grad_ws = [None] * len(ctx.w_grads)
         # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad))
-        qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, *ctx.needs_input_grad[:2], pow2, backend)
+        qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, ctx.needs_input_grad[0], any(ctx.w_grads), pow2, backend)
         if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
             grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if any(ctx.w_grads):
             # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
             grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
-            grad_w = grad_w[:out_features].to(ctx.w_dtype)
+            grad_w = grad_w[:out_features].to(ctx.w_dtype)  # (N, K); siblings: their row blocks
+            parts = grad_w.split(ctx.w_rows) if len(ctx.w_rows) > 1 else (grad_w,)
+            grad_ws = [g if wanted else None for g, wanted in zip(parts, ctx.w_grads)]
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = dy.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_ws[0], grad_b, None, None, None, *grad_ws[1:]
+
+
+def _check_siblings(weights: tuple, bias) -> None:
+    """Sibling weights (FP8LinearFunction): one in_features, dtype and device, no bias, every weight but the
+    last N % 128 == 0."""
+    first = weights[0]
+    if bias is not None:
+        raise ValueError("FP8 linear: sibling weights (one GEMM for several layers) take no bias")
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(
+                f"FP8 linear: sibling weight {i} is {tuple(w.shape)} {w.dtype} on {w.device}; every sibling must "
+                f"be (N_i, {first.shape[1]}) {first.dtype} on {first.device}"
+            )
+        if i < len(weights) - 1 and w.shape[0] % FP8_BLOCK:
+            raise ValueError(
+                f"FP8 linear: sibling weight {i} has {w.shape[0]} rows; all but the last need a multiple of "
+                f"{FP8_BLOCK} (a weight block must not span two layers): put it last or call it alone"
+            )
 
 
 def fp8_linear(x, weight, bias=None, pow2_scales: bool = False, backend: str | None = None) -> torch.Tensor:
@@ -259,6 +299,36 @@ class FP8Linear(nn.Linear):
     def extra_repr(self) -> str:
         cached = ", cache_weights=True" if self.fp8_weight_caches else ""
         return f"{super().extra_repr()}, fp8=e4m3, pow2_scales={self.pow2_scales}{cached}"
+
+
+def shares_input(*layers: nn.Module) -> bool:
+    """Whether fp8_shared_input can run `layers` (applied to the same x) as one: all FP8Linear without bias, with
+    the same pow2_scales, in_features and weight dtype, all but the last with out_features % 128 == 0."""
+    if not all(type(layer) is FP8Linear and layer.bias is None for layer in layers):
+        return False
+    first = layers[0]
+    return all(
+        layer.pow2_scales == first.pow2_scales
+        and layer.in_features == first.in_features
+        and layer.weight.dtype == first.weight.dtype
+        for layer in layers
+    ) and all(layer.out_features % FP8_BLOCK == 0 for layer in layers[:-1])
+
+
+def fp8_shared_input(x: torch.Tensor, layers, cache: FP8WeightCache | None = None) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for layer in layers) for FP8Linear layers that read the same x (shares_input(*layers) must hold:
+    SwiGLU's gate and up projections, MLA's q_a and kv_a, GQA's q, k and v), as one FP8LinearFunction over
+    their stacked weights: x is quantized once, and y, dX and dW are one GEMM each instead of one per layer
+    (and dX one sum in fp32 instead of a bf16 addition). Each output is a column block of the joint (..., sum N)
+    output: a view, not contiguous. `cache` (the owning module's) keeps the stack's FP8 forms between calls;
+    the layers' own caches are not used here."""
+    first = layers[0]
+    if any(layer.bias is not None for layer in layers):  # (FP8LinearFunction checks the weights)
+        raise ValueError("fp8_shared_input: sibling layers run as one GEMM take no bias; call them one by one")
+    y = FP8LinearFunction.apply(
+        x, first.weight, None, first.pow2_scales, None, cache, *(layer.weight for layer in layers[1:])
+    )
+    return y.split([layer.out_features for layer in layers], dim=-1)
 
 
 def _grouped_forward(
@@ -379,4 +449,6 @@ __all__ = [
     "clear_weight_caches",
     "fp8_grouped_linear",
     "fp8_linear",
+    "fp8_shared_input",
+    "shares_input",
 ]

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from moetron.kernels import flash_attention
 from moetron.model.config import ModelConfig
-from moetron.model.layers import RMSNorm, apply_rope, make_linear
+from moetron.model.layers import RMSNorm, apply_rope, make_linear, project_together, sibling_caches
 
 # DeepSeek normalizes the q/kv latents with a fixed epsilon, whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -32,12 +32,15 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = make_linear(self.n_heads * self.head_dim, cfg.d_model, bias, fp8)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.fp8_weight_caches = sibling_caches(fp8, "qkv")
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        # (in FP8 without bias: one GEMM for the three, project_together)
+        q, k, v = project_together(x, (self.q_proj, self.k_proj, self.v_proj), self.fp8_weight_caches.get("qkv"))
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -80,17 +83,19 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = make_linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), fp8=fp8)
         self.o_proj = make_linear(self.n_heads * self.v_dim, cfg.d_model, fp8=fp8)
+        self.fp8_weight_caches = sibling_caches(fp8, "q_kv_a")
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         batch, seq, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        # the projections of x (in FP8: one GEMM for both, project_together)
+        q_proj = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv_a = project_together(x, (q_proj, self.kv_a_proj), self.fp8_weight_caches.get("q_kv_a"))
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_norm(q))
         q = q.view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
 
-        c_kv, k_pe = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_norm(c_kv)).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
 

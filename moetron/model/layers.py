@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetron.kernels.fp8_linear import FP8Linear
+from moetron.kernels.fp8_linear import FP8Linear, FP8WeightCache, fp8_shared_input, shares_input
 from moetron.model.config import FP8Config, RopeScaling, yarn_mscale
 
 
@@ -21,6 +21,21 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, fp8: FP
             in_features, out_features, bias=bias, pow2_scales=fp8.pow2_scales, cache_weights=fp8.cache_weights
         )
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+def sibling_caches(fp8: FP8Config | None, *names: str) -> dict[str, FP8WeightCache]:
+    """A module's FP8 weight caches for its groups of sibling layers run as one GEMM (`project_together`), one per
+    name, when `fp8.cache_weights` is on; empty otherwise. (clear_weight_caches finds them by this attribute.)"""
+    return {name: FP8WeightCache() for name in names} if fp8 is not None and fp8.cache_weights else {}
+
+
+def project_together(x: torch.Tensor, layers: tuple[nn.Module, ...], cache: FP8WeightCache | None = None) -> tuple:
+    """(layer(x) for layer in layers): linear layers that read the same x, e.g. SwiGLU's gate and up projections.
+    FP8Linear siblings that allow it run as one FP8 GEMM over their stacked weights (fp8_shared_input: x quantized
+    once, one GEMM each for y, dX and dW); anything else, one call per layer."""
+    if shares_input(*layers):
+        return fp8_shared_input(x, layers, cache)
+    return tuple(layer(x) for layer in layers)
 
 
 class RMSNorm(nn.Module):
@@ -118,13 +133,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled."""
+    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled
+    (gate and up then as one FP8 GEMM: project_together)."""
 
     def __init__(self, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
         self.gate_proj = make_linear(d_model, hidden, fp8=fp8)
         self.up_proj = make_linear(d_model, hidden, fp8=fp8)
         self.down_proj = make_linear(hidden, d_model, fp8=fp8)
+        self.fp8_weight_caches = sibling_caches(fp8, "gate_up")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project_together(x, (self.gate_proj, self.up_proj), self.fp8_weight_caches.get("gate_up"))
+        return self.down_proj(F.silu(gate) * up)

@@ -86,6 +86,37 @@ def test_fp8_model_matches_fp32_model_with_the_same_weights(arch):
     assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
 
 
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_sibling_projections_run_as_one_fp8_gemm(monkeypatch, arch):
+    """The FP8 layers that read the same input run as one GEMM each (project_together: MLA's q_a + kv_a, GQA's q,
+    k, v, every SwiGLU's gate + up): two or three fewer GEMMs per block in each direction, and the loss and
+    gradients of the model that calls them one by one up to fp32 rounding (their FP8 bytes are the same)."""
+    import moetron.kernels.fp8_linear as fl
+    import moetron.model.layers as layers
+
+    cfg = dict(BASE, **MLA) if arch == "mla" else dict(BASE, attention_bias=False, n_kv_heads=2)  # (k, v: 128)
+    fp8 = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
+    ids = torch.randint(0, BASE["vocab_size"], (2, 65))
+    gemms = []
+    gemm = fl.fp8_gemm
+    monkeypatch.setattr(fl, "fp8_gemm", lambda *a, **k: gemms.append(1) or gemm(*a, **k))
+    runs = {}
+    for together in (True, False):
+        if not together:
+            monkeypatch.setattr(layers, "shares_input", lambda *layers: False)
+        gemms.clear()
+        out, grads = loss_and_grads(fp8, ids)
+        runs[together] = (out, grads, len(gemms))
+    (out, grads, n_gemms), (out_alone, grads_alone, n_alone) = runs[True], runs[False]
+    blocks = BASE["n_layers"] + BASE["mtp_depth"]
+    dense = BASE["first_k_dense_replace"]  # a SwiGLU FFN; the others' shared expert is one
+    saved_per_direction = blocks * (2 if arch == "gqa" else 1) + dense + (blocks - dense)
+    assert n_alone - n_gemms == 3 * saved_per_direction  # forward, dX and dW
+    assert abs(out.loss.item() - out_alone.loss.item()) < 1e-4 * out_alone.loss.item()
+    for name, g in grads.items():
+        assert rel_err(g, grads_alone[name]) < 1e-3, name
+
+
 def test_moe_layer_in_fp8_within_the_bound_of_two_gemms():
     """With the same input the routing is identical, so the FP8 MoE differs from the fp32 one only by
     its GEMMs: gate/up then down (two in series on the routed path), shared experts likewise."""
