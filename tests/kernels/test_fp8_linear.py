@@ -504,3 +504,29 @@ def test_fp8_linear_dual_quantizer_gives_the_same_bits_gpu(monkeypatch, dtype):
         results.append((y, xb.grad, fp8.weight.grad.clone()))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("outs", [(1536, 512), (768, 320)])  # SwiGLU gate + up; MLA q_a + kv_a (padded dgrad)
+def test_shared_input_equals_the_layers_one_by_one_gpu(outs):
+    """On the GPU kernels: the siblings as one GEMM give each layer's output and weight gradient, and dX, up to the
+    GEMMs' bf16 output rounding (the one-by-one dX adds two rounded bf16 results)."""
+    torch.manual_seed(0)
+    layers = [layer.cuda() for layer in siblings(outs, in_features=1536)]
+    x = torch.randn(4, 1000, 1536, device="cuda", dtype=torch.bfloat16)
+    dys = [torch.randn(4, 1000, n, device="cuda", dtype=torch.bfloat16) for n in outs]
+    results = []
+    for together in (True, False):
+        for layer in layers:
+            layer.weight.grad = None
+        xb = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ys = fp8_shared_input(xb, layers) if together else [layer(xb) for layer in layers]
+        torch.autograd.backward(ys, dys)
+        results.append((ys, xb.grad, [layer.weight.grad.clone() for layer in layers]))
+    (ys, dx, dws), (ys_alone, dx_alone, dws_alone) = results
+    for y, want in zip(ys, ys_alone):
+        assert rel_err(y, want) < 2 * BF16_U
+    for dw, want in zip(dws, dws_alone):
+        assert rel_err(dw, want) < 1e-4
+    assert rel_err(dx, dx_alone) < 2 * BF16_U
