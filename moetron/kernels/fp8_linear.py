@@ -302,9 +302,13 @@ class FP8Linear(nn.Linear):
 
 
 def shares_input(*layers: nn.Module) -> bool:
-    """Whether fp8_shared_input can run `layers` (applied to the same x) as one: all FP8Linear without bias, with
-    the same pow2_scales, in_features and weight dtype, all but the last with out_features % 128 == 0."""
-    if not all(type(layer) is FP8Linear and layer.bias is None for layer in layers):
+    """Whether fp8_shared_input can run `layers` (applied to the same x) as one: all FP8Linear without bias and
+    without forward hooks (one GEMM bypasses the layers' __call__, so their hooks would not run), with the same
+    pow2_scales, in_features and weight dtype, all but the last with out_features % 128 == 0."""
+    if not all(
+        type(layer) is FP8Linear and layer.bias is None and not (layer._forward_hooks or layer._forward_pre_hooks)
+        for layer in layers
+    ):
         return False
     first = layers[0]
     return all(

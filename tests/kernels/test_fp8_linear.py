@@ -429,6 +429,9 @@ def test_shared_input_checks_and_falls_back():
     assert not shares_input(*siblings([192, 256]))  # 192 rows first: a block would span two weights
     assert not shares_input(*siblings([256], pow2_scales=True), *siblings([256]))
     assert not shares_input(*siblings([256]), *siblings([256], in_features=128))
+    hooked = siblings([256, 256])
+    hooked[1].register_forward_pre_hook(lambda module, args: None)  # (it would not run inside one GEMM)
+    assert not shares_input(*hooked)
     assert shares_input(*siblings([256, 192]))
     x = torch.randn(8, 256)
     first, second = siblings([192, 256])
