@@ -61,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_REL_DIFF = 0.01
 FINAL_WINDOW = 10  # final loss = mean over this many last steps
+SPIKE_FROM = 10  # gradient norms from this step on are past the first steps' transient (max_grad_norm_after_step_10)
 CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "step_s", "tokens_per_sec")
 
 
@@ -133,6 +134,8 @@ class Recorder:
             "step_s_median": _median(step_s),
             "tokens_per_sec_median": _median(tps),
             "peak_mem_gb": None if self.peak_mem_gb is None else round(self.peak_mem_gb, 2),
+            # a loss spike after the first steps' transient (seen in BF16 at seed 1 and in the held-out run)
+            "max_grad_norm_after_step_10": _max(self.curve["grad_norm"][SPIKE_FROM:]),
             "curve": self.curve,
             "eval": self.evals,
         }
@@ -143,6 +146,11 @@ def _finite(value):
         return None
     value = float(value)
     return value if value == value and abs(value) != float("inf") else None
+
+
+def _max(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
 
 
 def _median(values):
@@ -265,6 +273,8 @@ def compare(bf16: dict, fp8: dict, second: str = "fp8") -> dict:
         if ea is not None and eb is not None:
             out["eval_step"], out["eval_loss_bf16"], out[f"eval_loss_{second}"] = at, ea, eb
             out["eval_rel_diff"] = (eb - ea) / abs(ea)  # > 0: the second run above BF16
+    for name, run in (("bf16", bf16), (second, fp8)):  # (a run that diverged early makes the comparison a draw)
+        out[f"max_grad_norm_after_step_10_{name}"] = run.get("max_grad_norm_after_step_10")
     if bf16.get("tokens_per_sec_median") and fp8.get("tokens_per_sec_median"):
         out[f"{second}_over_bf16_tokens_per_sec"] = fp8["tokens_per_sec_median"] / bf16["tokens_per_sec_median"]
     # passed: judged on the compared steps; all_steps_compared says whether those were all --steps
@@ -363,7 +373,7 @@ def main() -> None:
 
     print(
         f"\n{'run':6} {'steps':>5} {'wall s':>7} {'s/step':>7} {'tokens/s':>9} {'final loss':>10} {'held-out':>8} "
-        f"{'peak GiB':>8}"
+        f"{'peak GiB':>8} {'max |g| after 10':>16}"
     )
     for name, r in out["runs"].items():
         c = r["curve"]["loss"]
@@ -373,7 +383,7 @@ def main() -> None:
         print(
             f"{name:6} {r['steps_done']:>5} {r['wall_s']:>7.0f} {r['step_s_median'] or float('nan'):>7.3f} "
             f"{r['tokens_per_sec_median'] or float('nan'):>9.0f} {final:>10.4f} {held_out or float('nan'):>8.4f} "
-            f"{r['peak_mem_gb'] or float('nan'):>8}"
+            f"{r['peak_mem_gb'] or float('nan'):>8} {r.get('max_grad_norm_after_step_10') or float('nan'):>16.2f}"
         )
     comparison = out.get("comparison")
     if comparison:

@@ -39,3 +39,6 @@ def test_noise_floor_mode(tmp_path):
         assert run["eval"]["step"] == [1, 2] and all(loss > 0 for loss in run["eval"]["loss"])
     assert "data.val_fraction=0.15" in result["common_overrides"]
     assert comparison["eval_step"] == 2 and comparison["eval_rel_diff"] == 0.0
+    # the largest gradient norm after step 10 (an early divergence): none in 2 steps
+    assert comparison["max_grad_norm_after_step_10_bf16"] is None
+    assert comparison["max_grad_norm_after_step_10_bf16_b"] is None
