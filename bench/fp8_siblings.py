@@ -3,7 +3,9 @@ kv_a, GQA's q, k, v) against one FP8Linear call per layer, and BF16 for referenc
 preset cut to a few blocks, fp32 master weights under bf16 autocast (the trainer's setting), no activation
 checkpointing and no optimizer step. The three variants alternate in one process (`--rounds` rounds of `--iters`
 steps; medians of the rounds after the first). "one by one" patches `moetron.model.layers.shares_input` to say
-no, so the model runs exactly as before project_together existed.
+no, so the model runs exactly as before project_together existed. "bf16 together" (this benchmark only, not in
+the model) patches `project_together` to run BF16 siblings as one `F.linear` over their concatenated weights: what
+BF16 would gain from the same fusion, for a fair FP8-against-BF16 comparison.
 
     python bench/fp8_siblings.py --out bench/results/fp8_siblings.json --git-sha SHA \\
         --preset deepseek_v3_mini --layers 4 --batch 4 --seq 2048
@@ -19,8 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import moetron.model.attention as attention
 import moetron.model.layers as layers
 from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8Config
@@ -48,8 +52,19 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1), device=dev)
     models = {fp8: Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=fp8))).to(dev) for fp8 in (False, True)}
-    variants = {"bf16": (False, True), "fp8 together": (True, True), "fp8 one by one": (True, False)}
-    shares_input, rounds, losses = layers.shares_input, {name: [] for name in variants}, {}
+    variants = {
+        "bf16": (False, True), "bf16 together": (False, True), "fp8 together": (True, True),
+        "fp8 one by one": (True, False),
+    }  # fmt: skip
+    shares_input, project_together = layers.shares_input, layers.project_together
+    rounds, losses, stacked = {name: [] for name in variants}, {}, [0]
+
+    def bf16_together(x, group, cache=None):
+        if all(type(layer) is torch.nn.Linear and layer.bias is None for layer in group):
+            stacked[0] += 1
+            y = F.linear(x, torch.cat([layer.weight for layer in group]))
+            return y.split([layer.out_features for layer in group], dim=-1)
+        return project_together(x, group, cache)
 
     def step(model):
         model.zero_grad(set_to_none=True)
@@ -61,6 +76,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name, (fp8, together) in variants.items():
             layers.shares_input = shares_input if together else (lambda *_: False)
+            patched = bf16_together if name == "bf16 together" else project_together
+            layers.project_together = attention.project_together = patched  # (attention imports it by name)
             step(models[fp8])  # (warm-up; on the first round also compiling and tuning)
             if dev == "cuda":
                 torch.cuda.synchronize()
@@ -74,7 +91,8 @@ def main() -> None:
             if r or args.rounds == 1:
                 rounds[name].append(round(ms, 2))
             print(f"round {r} {name}: {ms:.1f} ms", flush=True)
-    layers.shares_input = shares_input
+    layers.shares_input, layers.project_together = shares_input, project_together
+    attention.project_together = project_together
     median = {name: statistics.median(v) for name, v in rounds.items()}
     sha = args.git_sha or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()  # fmt: skip
@@ -84,9 +102,12 @@ def main() -> None:
         "args": vars(args), "tokens": args.batch * args.seq, "unit": "ms per forward+backward (wall, synchronized)",
         "rounds_ms": rounds, "median_ms": median,
         "tokens_per_s": {name: round(args.batch * args.seq / ms * 1e3) for name, ms in median.items()},
-        "together_over_one_by_one": median["fp8 one by one"] / median["fp8 together"], "last_loss": losses,
+        "together_over_one_by_one": median["fp8 one by one"] / median["fp8 together"],
+        "bf16_together_over_bf16": median["bf16"] / median["bf16 together"], "last_loss": losses,
+        "bf16_stacked_calls": stacked[0],
     }  # fmt: skip
-    print(json.dumps({k: out[k] for k in ("median_ms", "tokens_per_s", "together_over_one_by_one")}, indent=1))
+    keys = ("median_ms", "tokens_per_s", "together_over_one_by_one", "bf16_together_over_bf16")
+    print(json.dumps({k: out[k] for k in keys}, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -16,8 +16,10 @@ def test_fp8_siblings_bench_runs_and_the_variants_agree(tmp_path):
            "--set", "q_lora_rank=128", "kv_lora_rank=128", "moe_ffn_hidden=128"]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
-    assert set(result["median_ms"]) == {"bf16", "fp8 together", "fp8 one by one"}
+    assert set(result["median_ms"]) == {"bf16", "bf16 together", "fp8 together", "fp8 one by one"}
     assert all(ms > 0 for ms in result["median_ms"].values()) and result["device"] == "cpu"
     loss = result["last_loss"]
     assert abs(loss["fp8 together"] - loss["fp8 one by one"]) < 1e-4 * loss["fp8 one by one"]
     assert loss["fp8 together"] != loss["bf16"]  # FP8 did run
+    assert abs(loss["bf16 together"] - loss["bf16"]) < 1e-4 * loss["bf16"]  # the same math in BF16 ...
+    assert result["bf16_stacked_calls"] > 0  # ... through the stacked weights (the patch reached the model)
