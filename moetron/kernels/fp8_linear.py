@@ -21,6 +21,11 @@ dgrad), and W^T is saved in FP8: N*K bytes per layer and micro-batch in flight, 
 a re-quantization plus an FP8 transpose in every backward (measured: on small layers each launch is
 tens of microseconds of host time; on the mini model the transposes alone took 9% of the GPU time).
 
+Sibling layers (`fp8_shared_input`, which the model reaches through `moetron.model.layers.project_together`):
+layers that read the same x (SwiGLU's gate and up, MLA's q_a and kv_a, GQA's q, k, v) run as one
+FP8LinearFunction over their stacked weights, so x and dY are quantized once and each of the three GEMMs runs
+once; with every stacked weight but the last a multiple of 128 rows, each layer's FP8 bytes are its own.
+
 Weight cache (`FP8WeightCache`, on in the model by `fp8.cache_weights`). The micro-batches of one optimizer
 step and activation checkpointing's recomputation read the same weight again and again; without the cache
 every forward quantizes it anew (two launches and a pass over the weight each). With it, a module keeps its
