@@ -1,5 +1,6 @@
-"""Plot of bench/fp8_convergence.py's JSON: the BF16 and FP8 loss curves (raw and smoothed) and their
-relative difference per step, with the final losses and the < 1% target annotated.
+"""Plot of bench/fp8_convergence.py's JSON: the BF16 and FP8 loss curves (raw and smoothed) with the held-out
+LM loss where it was evaluated, their relative difference per step, and the gradient norms (an early divergence
+shows there first), with the final losses and the < 1% target annotated.
 
 Needs matplotlib (`pip install -e ".[bench]"`); runs on the CPU machine after the GPU run.
 
@@ -53,8 +54,8 @@ def main() -> None:
         raise SystemExit(f"{args.results}: no run has any steps")
     out_path = Path(args.out) if args.out else Path(args.results).with_suffix(".png")
 
-    fig, (ax_loss, ax_diff) = plt.subplots(
-        2, 1, figsize=(10, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}, constrained_layout=True
+    fig, (ax_loss, ax_diff, ax_grad) = plt.subplots(
+        3, 1, figsize=(10, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3, 1.1]}, constrained_layout=True
     )
     for name, run in runs.items():
         steps, values = run["curve"]["step"], run["curve"][args.key]
@@ -63,6 +64,11 @@ def main() -> None:
         tps = run.get("tokens_per_sec_median")
         label = f"{name.upper()} (EMA {args.ema})" + (f", {tps:,.0f} tokens/s" if tps else "")
         ax_loss.plot(steps, ema(values, args.ema), color=color, linewidth=2, label=label)
+        held_out = run.get("eval", {})
+        if held_out.get("step"):
+            ax_loss.plot(held_out["step"], nan_for_none(held_out["loss"]), color=color, marker="o", markersize=4,
+                         linestyle=":", linewidth=1.2, label=f"{name.upper()} held-out LM loss")  # fmt: skip
+        ax_grad.plot(steps, nan_for_none(run["curve"]["grad_norm"]), color=color, linewidth=0.9, label=name.upper())
     ax_loss.set_ylabel(args.key)
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
@@ -80,6 +86,8 @@ def main() -> None:
             f"BF16 {comparison[f'final_loss_bf16{suffix}']:.4f}   FP8 {comparison[f'final_loss_fp8{suffix}']:.4f}",
             f"relative difference {rel:+.3%}  (target < {target:.0%}: {verdict})",
         ]
+    if "eval_rel_diff" in comparison:
+        lines.append(f"held-out LM loss after step {comparison['eval_step']}: {comparison['eval_rel_diff']:+.3%}")
     if "step1_rel_diff" in comparison:
         lines.append(f"step 1 (same weights and batch): {comparison['step1_rel_diff']:+.3%}")
     if "fp8_over_bf16_tokens_per_sec" in comparison:
@@ -105,8 +113,12 @@ def main() -> None:
         ax_diff.axhline(0, color="black", linewidth=0.6)
         ax_diff.legend(loc="upper right", fontsize=8)
     ax_diff.set_ylabel("(FP8 - BF16) / BF16  [%]")
-    ax_diff.set_xlabel("step")
     ax_diff.grid(alpha=0.3)
+    ax_grad.set_yscale("log")
+    ax_grad.set_ylabel("gradient norm\n(before clipping)")
+    ax_grad.set_xlabel("step")
+    ax_grad.grid(alpha=0.3)
+    ax_grad.legend(loc="upper right", fontsize=8)
 
     sha = (data.get("git_sha") or "unknown")[:10]
     ax_loss.set_title(
