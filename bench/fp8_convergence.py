@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_REL_DIFF = 0.01
 FINAL_WINDOW = 10  # final loss = mean over this many last steps
 SPIKE_FROM = 10  # gradient norms from this step on are past the first steps' transient (max_grad_norm_after_step_10)
-CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "step_s", "tokens_per_sec")
+CURVE_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "grad_norm_embed", "step_s", "tokens_per_sec")
 
 
 class Recorder:
@@ -90,7 +90,8 @@ class Recorder:
         row = {
             "step": step, "loss": losses.get("loss"), "lm_loss": losses.get("lm_loss"),
             "mtp_loss": losses.get("mtp_loss"), "balance_loss": losses.get("balance_loss"),
-            "grad_norm": _finite(result.grad_norm), "step_s": step_s,
+            "grad_norm": _finite(result.grad_norm), "grad_norm_embed": _finite(result.grad_norm_embed),
+            "step_s": step_s,
             "tokens_per_sec": result.tokens / step_s if step_s else None,
         }  # fmt: skip
         for key, value in row.items():

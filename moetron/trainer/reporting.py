@@ -69,6 +69,8 @@ class MetricsTracker:
             now - self._interval_start, self._interval_tokens, self.world_size, self.flops_per_token, self.peak
         )
         metrics = dict(result.losses)
+        if result.grad_norm_embed is not None:
+            metrics["grad_norm/embed"] = result.grad_norm_embed
         metrics.update(
             grad_norm=result.grad_norm,
             lr=lr,

@@ -32,6 +32,10 @@ class StepResult:
     losses: dict[str, float]  # LOSS_PARTS, token-weighted means over the global batch
     grad_norm: float
     tokens: int  # input tokens processed by all ranks
+    # The token embedding's share of grad_norm (before clipping; with a tied head, the head's too). Its rows'
+    # gradients pass the first pre-norm, which divides them by the row's rms: a rare token's row, still near its
+    # initial scale, can carry most of a gradient-norm spike (docs/fp8_performance.md, Convergence).
+    grad_norm_embed: float | None = None
     skipped: bool = False
     problem: str | None = None  # why the step was skipped
     router_loads: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over data-parallel ranks
@@ -72,20 +76,25 @@ def train_step(
     clear_weight_caches(plain)  # the micro-batches are done with this step's FP8 weight forms (model.fp8.cache_weights)
 
     params = [p for p in plain.parameters() if p.grad is not None]
+    embed_grad = getattr(getattr(plain, "embed", None), "weight", None)
+    embed_grad = None if embed_grad is None else embed_grad.grad
+    embed_norm = None if embed_grad is None else torch.linalg.vector_norm(embed_grad.float())  # (before clipping)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     losses = dict(zip(LOSS_PARTS, losses_t.tolist()))
+    norms = torch.stack([grad_norm.float(), grad_norm.new_zeros(()) if embed_norm is None else embed_norm]).tolist()
+    grad_norm, embed_norm = norms[0], None if embed_norm is None else norms[1]  # (one host sync for both)
     tokens = sum(b["input_ids"].numel() for b in batches) * mesh.dp_size
-    problem = _non_finite(losses, float(grad_norm))
+    problem = _non_finite(losses, grad_norm)
     loads = _summed_loads(plain, mesh)
     if problem is not None:
         optimizer.zero_grad(set_to_none=True)
         plain.reset_router_stats()
-        return StepResult(losses, float(grad_norm), tokens, skipped=True, problem=f"step {step}: {problem}")
+        return StepResult(losses, grad_norm, tokens, embed_norm, skipped=True, problem=f"step {step}: {problem}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     plain.update_expert_bias(loads)  # aux-loss-free balancing on the loads of all ranks
-    return StepResult(losses, float(grad_norm), tokens, router_loads=loads)
+    return StepResult(losses, grad_norm, tokens, embed_norm, router_loads=loads)
 
 
 def _summed_loads(plain: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor]:

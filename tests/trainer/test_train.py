@@ -238,3 +238,16 @@ def test_init_from_a_moetron_checkpoint(cache_dir, tmp_path):
     for name, tensor in source.state_dict().items():
         assert torch.equal(trainer.plain.state_dict()[name], tensor), name
     trainer.metrics.close()
+
+
+def test_step_reports_the_embeddings_gradient_norm_before_clipping(cache_dir, tmp_path):
+    """StepResult.grad_norm_embed (and metrics.jsonl's grad_norm/embed): the token embedding's part of the
+    gradient norm, taken before clipping (a clip of 1e-6 would otherwise shrink it to at most that)."""
+    seen = []
+    cfg = compose_cfg(fast(cache_dir, tmp_path, "trainer.steps=3", "optim.grad_clip=1e-6"))
+    run(cfg, run_dir=tmp_path, callbacks=[lambda trainer, step, result: seen.append(result)])
+    assert len(seen) == 3
+    for result in seen:
+        assert 1e-3 < result.grad_norm_embed <= result.grad_norm  # a part of the whole, unclipped
+    logged = [json.loads(line)["grad_norm/embed"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([r.grad_norm_embed for r in seen])
