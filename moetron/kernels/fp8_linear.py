@@ -223,7 +223,7 @@ class FP8LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(*(x_forms or (None, None)), qwt, swt)
         ctx.pow2_scales, ctx.backend, ctx.w_grads = pow2_scales, backend, w_grads
         ctx.x_dtype, ctx.x_shape, ctx.w_dtype = x.dtype, x.shape, weight.dtype
-        ctx.w_shape, ctx.w_rows = (out_features, in_features), [w.shape[0] for w in weights]
+        ctx.w_rows = [w.shape[0] for w in weights]  # (their sum: out_features)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*lead, out_features)
 
@@ -231,7 +231,7 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         qxt, sxt, qwt, swt = ctx.saved_tensors
         pow2, backend = ctx.pow2_scales, ctx.backend
-        out_features, in_features = ctx.w_shape
+        out_features = sum(ctx.w_rows)
         n_pad = _round_up(out_features, FP8_BLOCK)
         dy = grad_out.reshape(-1, out_features)  # (M, N)
         dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
@@ -245,8 +245,7 @@ class FP8LinearFunction(torch.autograd.Function):
             # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
             grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
             grad_w = grad_w[:out_features].to(ctx.w_dtype)  # (N, K); siblings: their row blocks
-            parts = grad_w.split(ctx.w_rows) if len(ctx.w_rows) > 1 else (grad_w,)
-            grad_ws = [g if wanted else None for g, wanted in zip(parts, ctx.w_grads)]
+            grad_ws = [g if wanted else None for g, wanted in zip(grad_w.split(ctx.w_rows), ctx.w_grads)]
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_ws[0], grad_b, None, None, None, *grad_ws[1:]

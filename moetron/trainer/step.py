@@ -76,13 +76,12 @@ def train_step(
     clear_weight_caches(plain)  # the micro-batches are done with this step's FP8 weight forms (model.fp8.cache_weights)
 
     params = [p for p in plain.parameters() if p.grad is not None]
-    embed_grad = getattr(getattr(plain, "embed", None), "weight", None)
-    embed_grad = None if embed_grad is None else embed_grad.grad
-    embed_norm = None if embed_grad is None else torch.linalg.vector_norm(embed_grad.float())  # (before clipping)
+    embed_grad = plain.embed.weight.grad  # (with a tied output head, the head's gradient too)
+    embed_norms = [] if embed_grad is None else [torch.linalg.vector_norm(embed_grad.float())]  # before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     losses = dict(zip(LOSS_PARTS, losses_t.tolist()))
-    norms = torch.stack([grad_norm.float(), grad_norm.new_zeros(()) if embed_norm is None else embed_norm]).tolist()
-    grad_norm, embed_norm = norms[0], None if embed_norm is None else norms[1]  # (one host sync for both)
+    grad_norm, *embed_norms = torch.stack([grad_norm.float(), *embed_norms]).tolist()  # one host sync for both
+    embed_norm = embed_norms[0] if embed_norms else None
     tokens = sum(b["input_ids"].numel() for b in batches) * mesh.dp_size
     problem = _non_finite(losses, grad_norm)
     loads = _summed_loads(plain, mesh)
