@@ -110,9 +110,13 @@ def _quantize_forms(t: torch.Tensor, rows: bool, transposed: bool, pow2_scales: 
     return q, s, qt, st
 
 
-def _weight_forms(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend: str | None) -> list[torch.Tensor]:
-    """[qw, sw] and, if `transposed`, [qwt, swt]: _quantize_weight as a custom op under dispatch modes, so
-    selective checkpointing keeps the forms instead of quantizing the weight again in the backward."""
+def _weight_forms(
+    weights: list[torch.Tensor], transposed: bool, pow2_scales: bool, backend: str | None
+) -> list[torch.Tensor]:
+    """[qw, sw] and, if `transposed`, [qwt, swt] of the weights stacked along their rows (one weight: itself):
+    _quantize_weight as a custom op under dispatch modes, so selective checkpointing keeps the forms instead of
+    stacking and quantizing the weights again in the backward."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
     return [q, s, *((qt, st) if transposed else ())]
 
@@ -148,9 +152,7 @@ def weight_forms(weight, transposed: bool, pow2_scales: bool, backend, cache: FP
     weights (N_i, K) is quantized as their stack (sum N_i, K)."""
     if cache is not None:
         return cache.forms(weight, transposed, pow2_scales, backend)
-    if isinstance(weight, tuple):
-        weight = weight[0] if len(weight) == 1 else torch.cat(weight)
-    forms = _weight_forms(weight, transposed, pow2_scales, backend)
+    forms = _weight_forms(list(weight) if isinstance(weight, tuple) else [weight], transposed, pow2_scales, backend)
     return (*forms, *((None, None) if not transposed else ()))
 
 
