@@ -232,25 +232,59 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qxt, sxt, qwt, swt = ctx.saved_tensors
-        pow2, backend = ctx.pow2_scales, ctx.backend
         out_features = sum(ctx.w_rows)
-        n_pad = _round_up(out_features, FP8_BLOCK)
         dy = grad_out.reshape(-1, out_features)  # (M, N)
-        dy_padded = _pad_cols(dy, n_pad).contiguous()  # (M, N_pad): zero columns change no tile's amax
-        grad_x = grad_b = None
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.w_grads)
+        grad_x, grad_w = fp8_linear_backward(
+            dy, qxt, sxt, qwt, swt, None, need_x, need_w, ctx.x_dtype, ctx.w_dtype, ctx.pow2_scales, ctx.backend
+        )
+        grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
         grad_ws = [None] * len(ctx.w_grads)
-        # dY in 1x128 tiles along N (dgrad) and dY^T along the tokens (wgrad, (N_pad, M_pad))
-        qdy, sdy, qdyt, sdyt = _quantize_forms(dy_padded, ctx.needs_input_grad[0], any(ctx.w_grads), pow2, backend)
-        if ctx.needs_input_grad[0]:  # W^T (K, N_pad) as quantized in the forward
-            grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=ctx.x_dtype, backend=backend).view(ctx.x_shape)
-        if any(ctx.w_grads):
-            # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
-            grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend)
-            grad_w = grad_w[:out_features].to(ctx.w_dtype)  # (N, K); siblings: their row blocks
+        if need_w:  # siblings: their row blocks of the joint dW
             grad_ws = [g if wanted else None for g, wanted in zip(grad_w.split(ctx.w_rows), ctx.w_grads)]
+        grad_b = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = dy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_ws[0], grad_b, None, None, None, *grad_ws[1:]
+
+
+def fp8_linear_backward(
+    dy: torch.Tensor,
+    qxt: torch.Tensor | None,
+    sxt: torch.Tensor | None,
+    qwt: torch.Tensor | None,
+    swt: torch.Tensor | None,
+    group_ends: torch.Tensor | None,
+    need_x: bool,
+    need_w: bool,
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+    pow2_scales: bool,
+    backend: str | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dX (M, K) in x_dtype, dW in w_dtype) of y = x W^T from dY (M, N) and what the forward saved: x^T's 1x128
+    tiles along the tokens (qxt, sxt; for dW) and W^T's blocks (qwt, swt; for dX). Dense: W (N, K), and N need not
+    be a multiple of 128 (dY and W^T are padded with zero columns: zeros change no tile's amax). Grouped (group_ends
+    given): W (E, N, K), N % 128 == 0, and dW (E, N, K). None where not wanted. dY is quantized once into the forms
+    the wanted GEMMs read: 1x128 tiles along N (dgrad), dY^T's along the tokens (wgrad)."""
+    n = dy.shape[1]
+    if group_ends is None:
+        dy = _pad_cols(dy, _round_up(n, FP8_BLOCK))  # (M, N_pad)
+    qdy, sdy, qdyt, sdyt = _quantize_forms(dy.contiguous(), need_x, need_w, pow2_scales, backend)
+    grad_x = grad_w = None
+    w_out = _grad_dtype(w_dtype)
+    if group_ends is None:
+        if need_x:
+            grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=x_dtype, backend=backend)
+        if need_w:  # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
+            grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=w_out, backend=backend)[:n].to(w_dtype)
+    else:
+        if need_x:
+            grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=x_dtype, backend=backend)
+        if need_w:  # qdyt (N, M_pad)
+            grad_w = fp8_grouped_gemm_wgrad(qdyt, sdyt, qxt, sxt, group_ends, out_dtype=w_out, backend=backend)
+            grad_w = grad_w.to(w_dtype)
+    return grad_x, grad_w
 
 
 def _check_siblings(weights: tuple, bias) -> None:
@@ -393,17 +427,10 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qxt, sxt, qwt, swt, group_ends = ctx.saved_tensors
-        pow2, backend = ctx.pow2_scales, ctx.backend
-        dy = grad_out.contiguous()  # (M, N)
-        grad_x = grad_w = None
-        # N % 128 == 0 (checked in the forward): dY's 1x128 tiles (dgrad) and dY^T's (wgrad)
-        qdy, sdy, qdyt, sdyt = _quantize_forms(dy, *ctx.needs_input_grad[:2], pow2, backend)
-        if ctx.needs_input_grad[0]:  # W^T (E, K, N) as quantized in the forward
-            grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=ctx.x_dtype, backend=backend)
-        if ctx.needs_input_grad[1]:  # qdyt (N, M_pad)
-            grad_w = fp8_grouped_gemm_wgrad(
-                qdyt, sdyt, qxt, sxt, group_ends, out_dtype=_grad_dtype(ctx.w_dtype), backend=backend
-            ).to(ctx.w_dtype)  # (E, N, K)
+        grad_x, grad_w = fp8_linear_backward(
+            grad_out, qxt, sxt, qwt, swt, group_ends, *ctx.needs_input_grad[:2],
+            ctx.x_dtype, ctx.w_dtype, ctx.pow2_scales, ctx.backend,
+        )  # fmt: skip
         return grad_x, grad_w, None, None, None, None
 
 
@@ -459,6 +486,7 @@ __all__ = [
     "clear_weight_caches",
     "fp8_grouped_linear",
     "fp8_linear",
+    "fp8_linear_backward",
     "fp8_shared_input",
     "shares_input",
 ]

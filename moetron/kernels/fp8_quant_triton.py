@@ -128,6 +128,29 @@ def _dual_configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 
 
+@triton.jit
+def _store_dual(
+    x, mb, kb, M, Q, S, QT, ST, stride_qm, stride_sm, stride_qk, stride_sk, stride_sb,
+    POW2: tl.constexpr, TRANSPOSED: tl.constexpr = True,
+):  # fmt: skip
+    """Quantize one fp32 (128 tokens, 128 features) tile x, token block mb and feature block kb, both ways and store it: q/s, the 1x128 tiles along the features (as _quant_1x128_kernel), and qt/st, the
+    transposed 128x1 tiles along the tokens (as _quant_1x128_t_kernel). Tokens past M must hold 0 in x: they
+    are not stored in q and give qt's zero columns. Without TRANSPOSED only q/s. (Shared by the dual quantizer
+    and the fused producers of fp8_swiglu_triton.py.)"""
+    rows = mb * _SB + tl.arange(0, _SB)
+    cols = kb * _SB + tl.arange(0, _SB)
+    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+    ok = rows < M
+    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (128,) per token
+    tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok[:, None])
+    tl.store(S + r64 * stride_sm + kb, scale, mask=ok)
+    if TRANSPOSED:
+        scale_t = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (128,) per feature
+        qt = tl.trans(_to_e4m3(x, scale_t[None, :]))  # (128 features, 128 tokens)
+        tl.store(QT + c64[:, None] * stride_qk + rows[None, :], qt)
+        tl.store(ST + c64 * stride_sk + mb * stride_sb, scale_t)
+
+
 @triton.autotune(configs=_dual_configs(), key=["K", "POW2"])
 @triton.jit
 def _quant_1x128_dual_kernel(
@@ -136,18 +159,8 @@ def _quant_1x128_dual_kernel(
     mb, kb = tl.program_id(0), tl.program_id(1)
     rows = mb * _SB + tl.arange(0, _SB)  # 128 tokens: one scale block of qt
     cols = kb * _SB + tl.arange(0, _SB)  # 128 features: one scale block of q (K % 128 == 0)
-    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
-    ok = rows < M
-    x = tl.load(X + r64[:, None] * stride_xm + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    # 1x128 along K (as _quant_1x128_kernel); tokens past M read 0 and are not stored
-    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (128,) per token
-    tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok[:, None])
-    tl.store(S + r64 * stride_sm + kb, scale, mask=ok)
-    # 128x1 along the tokens, transposed (as _quant_1x128_t_kernel); tokens past M give qt's zero columns
-    scale_t = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (128,) per feature
-    qt = tl.trans(_to_e4m3(x, scale_t[None, :]))  # (128 features, 128 tokens)
-    tl.store(QT + c64[:, None] * stride_qk + rows[None, :], qt)
-    tl.store(ST + c64 * stride_sk + mb * stride_sb, scale_t)
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=(rows < M)[:, None], other=0.0)
+    _store_dual(x.to(tl.float32), mb, kb, M, Q, S, QT, ST, stride_qm, stride_sm, stride_qk, stride_sk, stride_sb, POW2)
 
 
 # Launchers that skip Triton's per-call binding and tuning lookup once a signature has run (launch.py).
