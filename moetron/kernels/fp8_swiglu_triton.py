@@ -48,7 +48,9 @@ def _swiglu_quant_kernel(
 
 
 @triton.autotune(
-    configs=[triton.Config({"BLOCK_M": 64 if INTERPRET else bm}, num_warps=4) for bm in ((64,) if INTERPRET else (16, 32))],
+    configs=[
+        triton.Config({"BLOCK_M": 64 if INTERPRET else bm}, num_warps=4) for bm in ((64,) if INTERPRET else (16, 32))
+    ],
     key=["F"],
 )
 @triton.jit

@@ -62,6 +62,10 @@ class FP8Config:
     # Off by default: on deepseek_v3_mini with full checkpointing it changed tokens/s by less than the
     # run-to-run spread and held 4.8 GB more (bench/results/train_step_sync_free_and_fp8_weight_cache.json).
     cache_weights: bool = False
+    # A gated FFN's SwiGLU writes FP8 for its down projection directly (moetron.kernels.fp8_swiglu): h =
+    # silu(gate) * up is quantized where it is computed, never stored in bf16. Off: the unfused path (silu, the
+    # product and the down projection's own quantizer), kept for comparisons.
+    fuse_swiglu: bool = True
     layers: list[str] = field(default_factory=lambda: list(FP8_LAYER_GROUPS))
 
     def group(self, name: str) -> FP8Config | None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels.fp8_linear import FP8Linear, FP8WeightCache, fp8_shared_input, shares_input
+from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model.config import FP8Config, RopeScaling, yarn_mscale
 
 
@@ -133,8 +134,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled
-    (gate and up then as one FP8 GEMM: project_together)."""
+    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled:
+    gate and up then as one FP8 GEMM (project_together), and with `fp8.fuse_swiglu` the SwiGLU quantizes its
+    output for the down projection itself (fused_swiglu_down)."""
 
     def __init__(self, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
@@ -142,7 +144,21 @@ class SwiGLU(nn.Module):
         self.up_proj = make_linear(d_model, hidden, fp8=fp8)
         self.down_proj = make_linear(hidden, d_model, fp8=fp8)
         self.fp8_weight_caches = sibling_caches(fp8, "gate_up")
+        self.fuse_swiglu = fp8 is not None and fp8.enabled and fp8.fuse_swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project_together(x, (self.gate_proj, self.up_proj), self.fp8_weight_caches.get("gate_up"))
+        if self.fuse_swiglu and fuses_swiglu(self.down_proj):
+            return fused_swiglu_down(gate, up, self.down_proj)
         return self.down_proj(F.silu(gate) * up)
+
+
+def fuses_swiglu(down: nn.Module) -> bool:
+    """Whether `down` can take its input as FP8 straight from the SwiGLU (fused_swiglu_down): an FP8Linear without
+    bias and forward hooks (the fused call bypasses the layer's __call__, so hooks would not run)."""
+    return type(down) is FP8Linear and down.bias is None and not (down._forward_hooks or down._forward_pre_hooks)
+
+
+def fused_swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: FP8Linear) -> torch.Tensor:
+    """down(silu(gate) * up) with h quantized in the SwiGLU (moetron.kernels.fp8_swiglu); fuses_swiglu(down)."""
+    return fp8_swiglu_linear(gate, up, down.weight, None, down.pow2_scales, None, down.fp8_weight_caches.get("weight"))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from moetron.kernels import grouped_gemm
 from moetron.kernels.fp8_linear import FP8_BLOCK, FP8WeightCache, fp8_grouped_linear
+from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model.config import FP8Config, ModelConfig
 from moetron.model.layers import SwiGLU
 
@@ -111,14 +112,18 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.fp8 = fp8 is not None and fp8.enabled
         self.pow2_scales = self.fp8 and fp8.pow2_scales
+        self.fuse_swiglu = self.fp8 and fp8.fuse_swiglu
         cache = self.fp8 and fp8.cache_weights
         names = ("gate_proj", "up_proj", "down_proj")
         self.fp8_weight_caches = {name: FP8WeightCache() for name in names} if cache else {}
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, d_model) sorted by expert; group_ends (n_experts,) cumulative counts."""
-        h = F.silu(self._mm(x, "gate_proj", group_ends)) * self._mm(x, "up_proj", group_ends)
-        return self._mm(h, "down_proj", group_ends)
+        gate, up = self._mm(x, "gate_proj", group_ends), self._mm(x, "up_proj", group_ends)
+        if self.fuse_swiglu:  # h quantized in the SwiGLU for the down projection (moetron.kernels.fp8_swiglu)
+            cache = self.fp8_weight_caches.get("down_proj")
+            return fp8_swiglu_linear(gate, up, self.down_proj, group_ends, self.pow2_scales, None, cache)
+        return self._mm(F.silu(gate) * up, "down_proj", group_ends)
 
     def _mm(self, x: torch.Tensor, name: str, group_ends: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, name)
