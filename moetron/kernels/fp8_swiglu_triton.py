@@ -8,7 +8,7 @@ assume checked arguments.
   (fp8_quant_triton._store_dual): the 1x128 tiles the down projection's forward GEMM reads and, when the
   weight gradient is wanted, the transposed 128x1 tiles along the tokens that its backward reads. h itself
   never reaches memory: per element 4 bytes of gate and up are read and 2 bytes of FP8 written, where
-  silu, the product and the quantizer apart read 10 and write 6 (bf16).
+  silu, the product and the quantizer apart read 8 and write 6 (bf16 in between).
 * `_swiglu_backward_kernel`: dgate and dup from gate, up and dh (the down projection's input gradient), in
   fp32, one pass: dup = dh * silu(gate), dgate = dh * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate).
 
