@@ -4,14 +4,17 @@
   GQA's q, k, v) against one FP8Linear call per layer.
 * The SwiGLU fused into the down projection's quantization (`model.fp8.fuse_swiglu`, moetron/kernels/fp8_swiglu.py)
   against silu, the product and the down projection's own quantizer.
+* RMSNorm fused into the quantization of the projections it feeds (`model.fp8.fuse_norm`, moetron/kernels/fp8_norm.py:
+  the attention's and a dense FFN's pre-norms, MLA's latent norms) against the norm, then the projections' quantizer.
 
 Section "model": forward + backward time of a preset cut to a few blocks, fp32 master weights under bf16 autocast
 (the trainer's setting), no activation checkpointing and no optimizer step. The variants alternate in one process
 (`--rounds` rounds of `--iters` steps; medians of the rounds after the first):
 
-    fp8               both fusions (the default model)
-    fp8 swiglu apart  siblings together, the SwiGLU unfused (fuse_swiglu off in every module)
-    fp8 one by one    neither (`shares_input` patched to say no as well): the model before both
+    fp8               all three (the default model)
+    fp8 norm apart    without the norm fusion (fuse_norm off in every module)
+    fp8 swiglu apart  without the SwiGLU fusion (fuse_swiglu off in every module)
+    fp8 one by one    none of the three (`shares_input` patched to say no as well): the model before them
     bf16              the BF16 model
     bf16 together     BF16 with its siblings as one `F.linear` over concatenated weights (a patch of this benchmark
                       only, not in the model): what BF16 would gain from the same fusion, for a fair comparison
@@ -44,12 +47,13 @@ from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8Config
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name: (fp8, siblings together, swiglu fused)
-    "fp8": (True, True, True),
-    "fp8 swiglu apart": (True, True, False),
-    "fp8 one by one": (True, False, False),
-    "bf16": (False, True, False),
-    "bf16 together": (False, True, False),
+VARIANTS = {  # name: (fp8, siblings together, swiglu fused, norm fused)
+    "fp8": (True, True, True, True),
+    "fp8 norm apart": (True, True, True, False),
+    "fp8 swiglu apart": (True, True, False, True),
+    "fp8 one by one": (True, False, False, False),
+    "bf16": (False, True, False, False),
+    "bf16 together": (False, True, False, False),
 }
 LAYER_SHAPES = [  # (tokens M, hidden F, out N, what)
     (8192, 4096, 1536, "deepseek_v3_mini dense FFN down (4096 -> 1536), 4 x 2048 tokens"),
@@ -67,15 +71,16 @@ def model_section(args, dev: str) -> dict:
     models = {fp8: Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=fp8))).to(dev) for fp8 in (False, True)}
     models[False].load_state_dict(models[True].state_dict())
     swiglus = [m for m in models[True].modules() if hasattr(m, "fuse_swiglu")]
+    norm_users = [m for m in models[True].modules() if hasattr(m, "fuse_norm")]
     shares_input, project_together = layers.shares_input, layers.project_together
     rounds, losses, stacked = {name: [] for name in VARIANTS}, {}, [0]
 
-    def bf16_together(x, group, cache=None):
-        if all(type(layer) is torch.nn.Linear and layer.bias is None for layer in group):
+    def bf16_together(x, group, cache=None, norm=None, fuse_norm=False):
+        if len(group) > 1 and all(type(layer) is torch.nn.Linear and layer.bias is None for layer in group):
             stacked[0] += 1
-            y = F.linear(x, torch.cat([layer.weight for layer in group]))
+            y = F.linear(x if norm is None else norm(x), torch.cat([layer.weight for layer in group]))
             return y.split([layer.out_features for layer in group], dim=-1)
-        return project_together(x, group, cache)
+        return project_together(x, group, cache, norm, fuse_norm)
 
     def step(model):
         model.zero_grad(set_to_none=True)
@@ -86,12 +91,14 @@ def model_section(args, dev: str) -> dict:
 
     try:
         for r in range(args.rounds):
-            for name, (fp8, together, fused) in VARIANTS.items():
+            for name, (fp8, together, fused, norm_fused) in VARIANTS.items():
                 layers.shares_input = shares_input if together else (lambda *_: False)
                 patched = bf16_together if name == "bf16 together" else project_together
                 layers.project_together = attention.project_together = patched  # (attention imports it by name)
                 for module in swiglus:
                     module.fuse_swiglu = fused
+                for module in norm_users:
+                    module.fuse_norm = norm_fused
                 step(models[fp8])  # (warm-up; on the first round also compiling and tuning)
                 if dev == "cuda":
                     torch.cuda.synchronize()
@@ -110,16 +117,19 @@ def model_section(args, dev: str) -> dict:
         attention.project_together = project_together
         for module in swiglus:
             module.fuse_swiglu = True
+        for module in norm_users:
+            module.fuse_norm = True
     median = {name: statistics.median(v) for name, v in rounds.items()}
     return {
         "tokens": args.batch * args.seq, "unit": "ms per forward+backward (wall, synchronized)",
         "rounds_ms": rounds, "median_ms": median,
         "tokens_per_s": {name: round(args.batch * args.seq / ms * 1e3) for name, ms in median.items()},
-        "siblings_speedup": median["fp8 one by one"] / median["fp8 swiglu apart"],
+        "all_three_speedup": median["fp8 one by one"] / median["fp8"],
         "swiglu_fusion_speedup": median["fp8 swiglu apart"] / median["fp8"],
+        "norm_fusion_speedup": median["fp8 norm apart"] / median["fp8"],
         "fp8_over_bf16": median["bf16"] / median["fp8"],
         "bf16_together_over_bf16": median["bf16"] / median["bf16 together"], "last_loss": losses,
-        "bf16_stacked_calls": stacked[0], "fused_swiglu_modules": len(swiglus),
+        "bf16_stacked_calls": stacked[0], "fused_swiglu_modules": len(swiglus), "fused_norm_modules": len(norm_users),
     }  # fmt: skip
 
 
@@ -192,7 +202,8 @@ def main() -> None:
     }  # fmt: skip
     if "model" in sections:
         out["model"] = model_section(args, dev)
-        keys = ("median_ms", "tokens_per_s", "siblings_speedup", "swiglu_fusion_speedup", "fp8_over_bf16")
+        keys = ("median_ms", "tokens_per_s", "all_three_speedup", "swiglu_fusion_speedup", "norm_fusion_speedup",
+                "fp8_over_bf16")  # fmt: skip
         print(json.dumps({k: out["model"][k] for k in keys}, indent=1), flush=True)
     if "layer" in sections and dev == "cuda":
         out["layer"] = layer_section(args)

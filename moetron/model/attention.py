@@ -33,11 +33,15 @@ class GroupedQueryAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.fp8_weight_caches = sibling_caches(fp8, "qkv")
+        self.fuse_norm = fp8 is not None and fp8.fuse_norm
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, norm=None):
+        """x (batch, seq, d_model); `norm`: the block's pre-norm, applied to x here (in FP8 fused into the
+        projections' quantization with `fp8.fuse_norm`)."""
         batch, seq, _ = x.shape
         # (in FP8 without bias: one GEMM for the three, project_together)
-        q, k, v = project_together(x, (self.q_proj, self.k_proj, self.v_proj), self.fp8_weight_caches.get("qkv"))
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = project_together(x, qkv, self.fp8_weight_caches.get("qkv"), norm, self.fuse_norm)
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -84,19 +88,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = make_linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), fp8=fp8)
         self.o_proj = make_linear(self.n_heads * self.v_dim, cfg.d_model, fp8=fp8)
         self.fp8_weight_caches = sibling_caches(fp8, "q_kv_a")
+        self.fuse_norm = fp8 is not None and fp8.fuse_norm
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, norm=None):
+        """x (batch, seq, d_model); `norm`: the block's pre-norm, applied to x here. In FP8 with `fp8.fuse_norm`
+        it and the latent norms are fused into the quantization of the projections that read them."""
         batch, seq, _ = x.shape
+        fuse = self.fuse_norm
         # the projections of x (in FP8: one GEMM for both, project_together)
         q_proj = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        q, kv_a = project_together(x, (q_proj, self.kv_a_proj), self.fp8_weight_caches.get("q_kv_a"))
+        q, kv_a = project_together(x, (q_proj, self.kv_a_proj), self.fp8_weight_caches.get("q_kv_a"), norm, fuse)
         if self.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_norm(q))
+            (q,) = project_together(q, (self.q_b_proj,), None, self.q_a_norm, fuse)
         q = q.view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
 
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_norm(c_kv)).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)
+        (kv,) = project_together(c_kv, (self.kv_b_proj,), None, self.kv_a_norm, fuse)
+        kv = kv.view(batch, seq, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
         cos, sin = rope

@@ -66,6 +66,10 @@ class FP8Config:
     # silu(gate) * up is quantized where it is computed, never stored in bf16. Off: the unfused path (silu, the
     # product and the down projection's own quantizer), kept for comparisons.
     fuse_swiglu: bool = True
+    # An RMSNorm whose output only FP8 projections read (a block's pre-norms before the attention and a dense FFN,
+    # MLA's latent norms before q_b and kv_b) writes their FP8 input directly (moetron.kernels.fp8_norm); off:
+    # the norm, then the projections' own quantizer.
+    fuse_norm: bool = True
     layers: list[str] = field(default_factory=lambda: list(FP8_LAYER_GROUPS))
 
     def group(self, name: str) -> FP8Config | None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels.fp8_linear import FP8Linear, FP8WeightCache, fp8_shared_input, shares_input
+from moetron.kernels.fp8_norm import fp8_norm_linear
 from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model.config import FP8Config, RopeScaling, yarn_mscale
 
@@ -30,13 +31,35 @@ def sibling_caches(fp8: FP8Config | None, *names: str) -> dict[str, FP8WeightCac
     return {name: FP8WeightCache() for name in names} if fp8 is not None and fp8.cache_weights else {}
 
 
-def project_together(x: torch.Tensor, layers: tuple[nn.Module, ...], cache: FP8WeightCache | None = None) -> tuple:
-    """(layer(x) for layer in layers): linear layers that read the same x, e.g. SwiGLU's gate and up projections.
-    FP8Linear siblings that allow it run as one FP8 GEMM over their stacked weights (fp8_shared_input: x quantized
-    once, one GEMM each for y, dX and dW); anything else, one call per layer."""
+def project_together(
+    x: torch.Tensor,
+    layers: tuple[nn.Module, ...],
+    cache: FP8WeightCache | None = None,
+    norm: nn.Module | None = None,
+    fuse_norm: bool = False,
+) -> tuple:
+    """(layer(x) for layer in layers), or (layer(norm(x)) ...) with a `norm`: linear layers that read the same x,
+    e.g. SwiGLU's gate and up projections. FP8Linear siblings that allow it run as one FP8 GEMM over their stacked
+    weights (fp8_shared_input: x quantized once, one GEMM each for y, dX and dW); with `fuse_norm`, an RMSNorm before
+    them writes their FP8 input itself (fp8_norm_linear: the normed x is never stored). Anything else, one call
+    per layer. `cache`: the module's FP8 weight cache of the group (one layer: its own)."""
     if shares_input(*layers):
-        return fp8_shared_input(x, layers, cache)
+        if cache is None and len(layers) == 1:
+            cache = layers[0].fp8_weight_caches.get("weight")
+        if norm is not None and fuse_norm and fuses_norm(norm):
+            first = layers[0]
+            weights = tuple(layer.weight for layer in layers)
+            y = fp8_norm_linear(x, norm.weight, norm.eps, weights, first.pow2_scales, None, cache)
+            return y.split([layer.out_features for layer in layers], dim=-1)
+        return fp8_shared_input(x if norm is None else norm(x), layers, cache)
+    x = x if norm is None else norm(x)
     return tuple(layer(x) for layer in layers)
+
+
+def fuses_norm(norm: nn.Module) -> bool:
+    """Whether `norm` can be fused into the FP8 quantization of the layers it feeds: a plain RMSNorm without
+    forward hooks (the fused call bypasses its __call__)."""
+    return type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks)
 
 
 class RMSNorm(nn.Module):
@@ -135,8 +158,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class SwiGLU(nn.Module):
     """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020); its linears in FP8 with `fp8` enabled:
-    gate and up then as one FP8 GEMM (project_together), and with `fp8.fuse_swiglu` the SwiGLU quantizes its
-    output for the down projection itself (fused_swiglu_down)."""
+    gate and up then as one FP8 GEMM (project_together), with `fp8.fuse_swiglu` the SwiGLU quantizes its
+    output for the down projection itself (fused_swiglu_down), and with `fp8.fuse_norm` a pre-norm passed to
+    forward quantizes its output for gate and up."""
 
     def __init__(self, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
@@ -145,9 +169,13 @@ class SwiGLU(nn.Module):
         self.down_proj = make_linear(hidden, d_model, fp8=fp8)
         self.fp8_weight_caches = sibling_caches(fp8, "gate_up")
         self.fuse_swiglu = fp8 is not None and fp8.enabled and fp8.fuse_swiglu
+        self.fuse_norm = fp8 is not None and fp8.enabled and fp8.fuse_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project_together(x, (self.gate_proj, self.up_proj), self.fp8_weight_caches.get("gate_up"))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """x (..., d_model); `norm`: a pre-norm to apply to x first (fused into the FP8 quantization of gate and up
+        with `fp8.fuse_norm`)."""
+        cache = self.fp8_weight_caches.get("gate_up")
+        gate, up = project_together(x, (self.gate_proj, self.up_proj), cache, norm, self.fuse_norm)
         if self.fuse_swiglu and fuses_swiglu(self.down_proj):
             return fused_swiglu_down(gate, up, self.down_proj)
         return self.down_proj(F.silu(gate) * up)

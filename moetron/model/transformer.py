@@ -112,12 +112,12 @@ class Block(nn.Module):
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
         """x (batch, seq, d_model) -> (x, balance loss of this layer or None)."""
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen)
-        h = self.ffn_norm(x)
-        if self.is_moe:
-            out, aux = self.ffn(h)
+        # the pre-norms are applied by the attention and the dense FFN (in FP8, fused into their quantization)
+        x = x + self.attn(x, rope, cu_seqlens, max_seqlen, norm=self.attn_norm)
+        if self.is_moe:  # (its router reads the normed x in bf16/fp32 as well)
+            out, aux = self.ffn(self.ffn_norm(x))
         else:
-            out, aux = self.ffn(h), None
+            out, aux = self.ffn(x, norm=self.ffn_norm), None
         return x + out, aux
 
 

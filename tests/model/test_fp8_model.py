@@ -92,14 +92,18 @@ def test_sibling_projections_run_as_one_fp8_gemm(monkeypatch, arch):
     k, v, every SwiGLU's gate + up): two or three fewer GEMMs per block in each direction, and the loss and
     gradients of the model that calls them one by one up to fp32 rounding (their FP8 bytes are the same)."""
     import moetron.kernels.fp8_linear as fl
+    import moetron.kernels.fp8_norm as fn
+    import moetron.kernels.fp8_swiglu as fs
     import moetron.model.layers as layers
 
     cfg = dict(BASE, **MLA) if arch == "mla" else dict(BASE, attention_bias=False, n_kv_heads=2)  # (k, v: 128)
     fp8 = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
     ids = torch.randint(0, BASE["vocab_size"], (2, 65))
     gemms = []
-    gemm = fl.fp8_gemm
-    monkeypatch.setattr(fl, "fp8_gemm", lambda *a, **k: gemms.append(1) or gemm(*a, **k))
+    for module in (fl, fn, fs):  # (the fused norm and SwiGLU layers call the GEMM from their own modules)
+        monkeypatch.setattr(
+            module, "fp8_gemm", lambda *a, _gemm=module.fp8_gemm, **k: gemms.append(1) or _gemm(*a, **k)
+        )
     runs = {}
     for together in (True, False):
         if not together:
