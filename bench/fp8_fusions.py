@@ -19,10 +19,13 @@ Section "model": forward + backward time of a preset cut to a few blocks, fp32 m
     bf16 together     BF16 with its siblings as one `F.linear` over concatenated weights (a patch of this benchmark
                       only, not in the model): what BF16 would gain from the same fusion, for a fair comparison
 
-Section "layer" (GPU only): the down projection of a gated FFN, forward + backward, at the preset's and at
-DeepSeek-V3's sizes (CUDA events, medians): `fp8_swiglu_linear(gate, up, W)` against `fp8_linear(silu(gate) * up,
-W)` and against `F.linear(silu(gate) * up, W)` in bf16; gate and up are views of one (M, 2F) bf16 tensor, as the
-model hands them over.
+Section "layer" (GPU only), forward + backward at the preset's and at DeepSeek-V3's sizes (CUDA events, medians):
+* the down projection of a gated FFN: `fp8_swiglu_linear(gate, up, W)` against `fp8_linear(silu(gate) * up, W)` and
+  against `F.linear(silu(gate) * up, W)` in bf16; gate and up are views of one (M, 2F) bf16 tensor, as the model
+  hands them over;
+* a pre-norm and the projections it feeds (MLA's q_a + kv_a as one GEMM): `fp8_norm_linear` against RMSNorm + the
+  FP8 siblings and against RMSNorm + `F.linear` over the same stacked weights in bf16; x is fp32, as the residual
+  stream is with fp32 master weights under autocast.
 
     python bench/fp8_fusions.py --out bench/results/fp8_fusions.json --git-sha SHA \\
         --preset deepseek_v3_mini --layers 4 --batch 4 --seq 2048
@@ -55,6 +58,10 @@ VARIANTS = {  # name: (fp8, siblings together, swiglu fused, norm fused)
     "bf16": (False, True, False, False),
     "bf16 together": (False, True, False, False),
 }
+NORM_SHAPES = [  # (tokens M, d_model D, the projections' widths, what)
+    (8192, 1536, (768, 320), "deepseek_v3_mini attention pre-norm -> q_a + kv_a, 4 x 2048 tokens"),
+    (16384, 7168, (1536, 576), "DeepSeek-V3 attention pre-norm -> q_a + kv_a"),
+]
 LAYER_SHAPES = [  # (tokens M, hidden F, out N, what)
     (8192, 4096, 1536, "deepseek_v3_mini dense FFN down (4096 -> 1536), 4 x 2048 tokens"),
     (16384, 2048, 7168, "DeepSeek-V3 expert down (2048 -> 7168)"),
@@ -140,13 +147,64 @@ def layer_section(args) -> list[dict]:
         row["what"] = what
         print(json.dumps({k: row[k] for k in ("shape", "ms", "fused_over_unfused", "fused_over_bf16")}), flush=True)
         rows.append(row)
+    for m, d, outs, what in NORM_SHAPES:
+        row = time_normed_projections(m, d, outs, args)
+        row["what"] = what
+        print(json.dumps({k: row[k] for k in ("shape", "ms", "fused_over_unfused", "fused_over_bf16")}), flush=True)
+        rows.append(row)
     return rows
+
+
+def _timed(impls: dict, leaves: list, dy: torch.Tensor, args) -> dict:
+    """{"ms": name -> median fwd+bwd ms, "kernels_us": name -> GPU breakdown} of each forward in `impls`."""
+    from timing import kernel_breakdown_us, median_ms  # bench/timing.py (this script's directory is on sys.path)
+
+    row = {"ms": {}, "kernels_us": {}}
+    for name, forward in impls.items():
+
+        def fwd_bwd(forward=forward):
+            for leaf in leaves:
+                leaf.grad = None
+            forward().backward(dy)
+
+        row["ms"][name] = round(median_ms(fwd_bwd, torch.device("cuda"), args.warmup_ms, args.rep_ms), 4)
+        row["kernels_us"][name] = kernel_breakdown_us(fwd_bwd)
+    row["fused_over_unfused"] = row["ms"]["fp8 unfused"] / row["ms"]["fp8 fused"]
+    row["fused_over_bf16"] = row["ms"]["bf16"] / row["ms"]["fp8 fused"]
+    return row
+
+
+def time_normed_projections(m: int, d: int, outs: tuple, args) -> dict:
+    """fwd+bwd of rmsnorm(x) @ [W_i]^T (fp32 x, fp32 norm weight, bf16 projection weights), three ways."""
+    from moetron.kernels.fp8_linear import FP8LinearFunction
+    from moetron.kernels.fp8_norm import fp8_norm_linear
+    from moetron.model.layers import RMSNorm
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(m, d, device=device, requires_grad=True)
+    norm = RMSNorm(d).to(device)
+    weights = [(torch.randn(n, d, device=device) * d**-0.5).to(torch.bfloat16).requires_grad_() for n in outs]
+    dy = torch.randn(m, sum(outs), device=device, dtype=torch.bfloat16)
+
+    def autocast(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn()
+
+    impls = {
+        "fp8 fused": lambda: autocast(lambda: fp8_norm_linear(x, norm.weight, norm.eps, tuple(weights))),
+        "fp8 unfused": lambda: autocast(
+            lambda: FP8LinearFunction.apply(norm(x), weights[0], None, False, None, None, *weights[1:])
+        ),
+        "bf16": lambda: autocast(lambda: F.linear(norm(x), torch.cat(weights))),
+    }
+    row = _timed(impls, [x, norm.weight, *weights], dy, args)
+    row["shape"] = f"{m} x {d} -> {' + '.join(map(str, outs))}"
+    return row
 
 
 def time_down_projection(m: int, f: int, n: int, args) -> dict:
     """fwd+bwd ms and kernel breakdown of a gated FFN's down projection (M tokens, F -> N), three ways."""
-    from timing import kernel_breakdown_us, median_ms  # bench/timing.py (this script's directory is on sys.path)
-
     from moetron.kernels.fp8_linear import fp8_linear
     from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 
@@ -161,17 +219,8 @@ def time_down_projection(m: int, f: int, n: int, args) -> dict:
         "fp8 unfused": lambda: fp8_linear(F.silu(gate) * up, weight),
         "bf16": lambda: F.linear(F.silu(gate) * up, weight),
     }
-    row = {"shape": f"{m} x {f} -> {n}", "ms": {}, "kernels_us": {}}
-    for name, forward in impls.items():
-
-        def fwd_bwd(forward=forward):
-            gate_up.grad = weight.grad = None
-            forward().backward(dy)
-
-        row["ms"][name] = round(median_ms(fwd_bwd, device, args.warmup_ms, args.rep_ms), 4)
-        row["kernels_us"][name] = kernel_breakdown_us(fwd_bwd)
-    row["fused_over_unfused"] = row["ms"]["fp8 unfused"] / row["ms"]["fp8 fused"]
-    row["fused_over_bf16"] = row["ms"]["bf16"] / row["ms"]["fp8 fused"]
+    row = _timed(impls, [gate_up, weight], dy, args)
+    row["shape"] = f"{m} x {f} -> {n}"
     return row
 
 
