@@ -14,7 +14,8 @@ Section "model": forward + backward time of a preset cut to a few blocks, fp32 m
     fp8               all three (the default model)
     fp8 norm apart    without the norm fusion (fuse_norm off in every module)
     fp8 swiglu apart  without the SwiGLU fusion (fuse_swiglu off in every module)
-    fp8 one by one    none of the three (`shares_input` patched to say no as well): the model before them
+    fp8 one by one    none of the three (`shares_input` patched to say no, the experts' gate and up apart as well):
+                      the model before them
     bf16              the BF16 model
     bf16 together     BF16 with its siblings as one `F.linear` over concatenated weights (a patch of this benchmark
                       only, not in the model): what BF16 would gain from the same fusion, for a fair comparison
@@ -79,6 +80,7 @@ def model_section(args, dev: str) -> dict:
     models[False].load_state_dict(models[True].state_dict())
     swiglus = [m for m in models[True].modules() if hasattr(m, "fuse_swiglu")]
     norm_users = [m for m in models[True].modules() if hasattr(m, "fuse_norm")]
+    expert_groups = [m for m in models[True].modules() if hasattr(m, "gate_up_together")]
     shares_input, project_together = layers.shares_input, layers.project_together
     rounds, losses, stacked = {name: [] for name in VARIANTS}, {}, [0]
 
@@ -106,6 +108,8 @@ def model_section(args, dev: str) -> dict:
                     module.fuse_swiglu = fused
                 for module in norm_users:
                     module.fuse_norm = norm_fused
+                for module in expert_groups:
+                    module.gate_up_together = together
                 step(models[fp8])  # (warm-up; on the first round also compiling and tuning)
                 if dev == "cuda":
                     torch.cuda.synchronize()
@@ -126,6 +130,8 @@ def model_section(args, dev: str) -> dict:
             module.fuse_swiglu = True
         for module in norm_users:
             module.fuse_norm = True
+        for module in expert_groups:
+            module.gate_up_together = True
     median = {name: statistics.median(v) for name, v in rounds.items()}
     return {
         "tokens": args.batch * args.seq, "unit": "ms per forward+backward (wall, synchronized)",

@@ -65,8 +65,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels.fp8 import (
+    FP8_DTYPE,
     OUT_DTYPES,
     SCALE_BLOCK,
+    _pick,
     fp8_gemm,
     fp8_grouped_gemm,
     fp8_grouped_gemm_wgrad,
@@ -115,10 +117,44 @@ def _weight_forms(
 ) -> list[torch.Tensor]:
     """[qw, sw] and, if `transposed`, [qwt, swt] of the weights stacked along their rows (one weight: itself):
     _quantize_weight as a custom op under dispatch modes, so selective checkpointing keeps the forms instead of
-    stacking and quantizing the weights again in the backward."""
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-    q, s, qt, st = _quantize_weight(weight, transposed, pow2_scales, backend)
+    quantizing the weights again in the backward. Several weights are quantized into their slices of the joint
+    forms (_stacked_weight_forms), never stacked themselves."""
+    if len(weights) > 1:
+        q, s, qt, st = _stacked_weight_forms(weights, pow2_scales, backend)
+    else:
+        q, s, qt, st = _quantize_weight(weights[0], transposed, pow2_scales, backend)
     return [q, s, *((qt, st) if transposed else ())]
+
+
+def _stacked_weight_forms(weights: list[torch.Tensor], pow2_scales: bool, backend: str | None) -> tuple:
+    """(q, s, qt, st) of weights (N_i, K) or per expert (E, N_i, K) stacked along N, every N_i but the last a
+    multiple of 128: the forms quantize_128x128_dual gives the stack, byte for byte (no 128x128 block spans two
+    weights). The Triton path quantizes each weight straight into its slice of the joint forms, so the weights are
+    not copied (a stack of the experts' fp32 weights would be hundreds of MB per MoE layer); the reference path
+    concatenates the forms."""
+    if _pick(backend, weights[0]) != "triton":
+        parts = [quantize_128x128_dual(w, pow2_scales=pow2_scales, backend=backend) for w in weights]
+        q, s, qt, st = zip(*parts)
+        with torch.autocast(weights[0].device.type, enabled=False):  # (CPU autocast cannot cat e4m3)
+            return torch.cat(q, -2), torch.cat(s, -2), torch.cat(qt, -1), torch.cat(st, -1)
+    from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton
+
+    lead, k = weights[0].shape[:-2], weights[0].shape[-1]
+    rows = [w.shape[-2] for w in weights]
+    n, n_pad = sum(rows), _round_up(sum(rows), FP8_BLOCK)
+    device = weights[0].device
+    q = torch.empty(*lead, n, k, dtype=FP8_DTYPE, device=device)
+    s = torch.empty(*lead, n_pad // FP8_BLOCK, k // FP8_BLOCK, dtype=torch.float32, device=device)
+    qt = torch.empty(*lead, k, n_pad, dtype=FP8_DTYPE, device=device)
+    st = torch.empty(*lead, k // FP8_BLOCK, n_pad // FP8_BLOCK, dtype=torch.float32, device=device)
+    n0 = 0
+    for w, n_i in zip(weights, rows):
+        n1, blocks = n0 + n_i, slice(n0 // FP8_BLOCK, _round_up(n0 + n_i, FP8_BLOCK) // FP8_BLOCK)
+        cols = slice(n0, _round_up(n1, FP8_BLOCK))  # (the last weight's zero padding columns of W^T)
+        out = (q[..., n0:n1, :], s[..., blocks, :], qt[..., cols], st[..., blocks])
+        quantize_128x128_dual_triton(w, pow2_scales, out=out)
+        n0 = n1
+    return q, s, qt, st
 
 
 _weight_forms = dispatch_visible("fp8_weight_forms", _weight_forms)
@@ -261,12 +297,15 @@ def fp8_linear_backward(
     w_dtype: torch.dtype,
     pow2_scales: bool,
     backend: str | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    w_rows: list[int] | None = None,
+):
     """(dX (M, K) in x_dtype, dW in w_dtype) of y = x W^T from dY (M, N) and what the forward saved: x^T's 1x128
     tiles along the tokens (qxt, sxt; for dW) and W^T's blocks (qwt, swt; for dX). Dense: W (N, K), and N need not
     be a multiple of 128 (dY and W^T are padded with zero columns: zeros change no tile's amax). Grouped (group_ends
-    given): W (E, N, K), N % 128 == 0, and dW (E, N, K). None where not wanted. dY is quantized once into the forms
-    the wanted GEMMs read: 1x128 tiles along N (dgrad), dY^T's along the tokens (wgrad)."""
+    given): W (E, N, K), N % 128 == 0, and dW (E, N, K), or with `w_rows` (sibling weights stacked along N) a list
+    of the weights' gradients (E, N_i, K), one grouped GEMM each over its row block of dY^T. None where not wanted.
+    dY is quantized once into the forms the wanted GEMMs read: 1x128 tiles along N (dgrad), dY^T's along the
+    tokens (wgrad)."""
     n = dy.shape[1]
     if group_ends is None:
         dy = _pad_cols(dy, _round_up(n, FP8_BLOCK))  # (M, N_pad)
@@ -278,12 +317,19 @@ def fp8_linear_backward(
             grad_x = fp8_gemm(qdy, sdy, qwt, swt, out_dtype=x_dtype, backend=backend)
         if need_w:  # b_scale (K, M_pad/128): 1x128 tiles, the wgrad form of fp8_gemm
             grad_w = fp8_gemm(qdyt, sdyt, qxt, sxt, out_dtype=w_out, backend=backend)[:n].to(w_dtype)
-    else:
-        if need_x:
-            grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=x_dtype, backend=backend)
-        if need_w:  # qdyt (N, M_pad)
-            grad_w = fp8_grouped_gemm_wgrad(qdyt, sdyt, qxt, sxt, group_ends, out_dtype=w_out, backend=backend)
-            grad_w = grad_w.to(w_dtype)
+        return grad_x, grad_w
+    if need_x:
+        grad_x = fp8_grouped_gemm(qdy, sdy, qwt, swt, group_ends, out_dtype=x_dtype, backend=backend)
+    if need_w:  # qdyt (N, M_pad): each weight's row block, contiguous
+        grads, n0 = [], 0
+        for n_i in w_rows or [n]:
+            a_t, a_s = qdyt[n0 : n0 + n_i], sdyt[n0 : n0 + n_i]
+            if n_i != n:  # the scales' row block, token-block-major again (a few KB; the Gluon kernel reads it so)
+                a_s = a_s.t().contiguous().t()
+            g = fp8_grouped_gemm_wgrad(a_t, a_s, qxt, sxt, group_ends, out_dtype=w_out, backend=backend)
+            grads.append(g.to(w_dtype))
+            n0 += n_i
+        grad_w = grads if w_rows is not None else grads[0]
     return grad_x, grad_w
 
 
@@ -399,39 +445,55 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     """Per expert e, rows of x in group e times weight[e]^T, all three GEMMs in FP8.
 
     forward(x (M, K) rows sorted by expert, weight (E, N, K), group_ends (E,) int cumulative row
-    counts, pow2_scales, backend) -> (M, N); rows past group_ends[-1] give zeros. Every group must
+    counts, pow2_scales, backend, cache, *siblings) -> (M, N); rows past group_ends[-1] give zeros. Every group must
     start at a multiple of 128 (fp8_grouped_gemm_wgrad reduces over each group's rows in 128-row
     tiles); a group's rows past its real tokens must be zeros or at least receive zero gradient.
+
+    `siblings`: more expert weights (E, N_i, K) that read the same x (the experts' gate and up projections). The
+    output is then per expert x @ [weight[e]; siblings[e]...]^T, (M, N + sum N_i): x quantized once, one grouped
+    GEMM for y and one for dX (summed over the weights in fp32), dY quantized once; the weight gradients stay one
+    grouped GEMM per weight (each reads its row block of dY^T), so each lands in its own contiguous tensor. The
+    weights' FP8 forms are quantized into one joint buffer (no copy of the weights).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, group_ends, pow2_scales=False, backend=None, cache=None):
-        n_experts, out_features, in_features = weight.shape
+    def forward(ctx, x, weight, group_ends, pow2_scales=False, backend=None, cache=None, *siblings):
+        weights = (weight, *siblings)
+        n_experts, _, in_features = weight.shape
         if x.dim() != 2 or x.shape[1] != in_features:
             raise ValueError(f"fp8_grouped_linear: expected x (tokens, {in_features}), got x{tuple(x.shape)}")
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if size % FP8_BLOCK:
+        for i, w in enumerate(weights):
+            if w.dim() != 3 or w.shape[0] != n_experts or w.shape[2] != in_features or w.dtype != weight.dtype:
                 raise ValueError(
-                    f"fp8_grouped_linear: {name}={size} of weight{tuple(weight.shape)} must be a multiple of "
-                    f"{FP8_BLOCK} (nearest valid: {_nearest_multiples(size)})"
+                    f"fp8_grouped_linear: sibling weight {i} is {tuple(w.shape)} {w.dtype}; every weight must be "
+                    f"({n_experts}, N_i, {in_features}) {weight.dtype}"
                 )
-        save_x, save_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        qw, sw, qwt, swt = weight_forms(weight, save_w, pow2_scales, backend, cache)
+            for name, size in (("in_features", in_features), ("out_features", w.shape[1])):
+                if size % FP8_BLOCK:
+                    raise ValueError(
+                        f"fp8_grouped_linear: {name}={size} of weight{tuple(w.shape)} must be a multiple of "
+                        f"{FP8_BLOCK} (nearest valid: {_nearest_multiples(size)})"
+                    )
+        w_grads = (ctx.needs_input_grad[1], *ctx.needs_input_grad[6:])
+        save_x, save_w = any(w_grads), ctx.needs_input_grad[0]
+        qw, sw, qwt, swt = weight_forms(weights if siblings else weight, save_w, pow2_scales, backend, cache)
         y, *x_forms = _grouped_forward(
             x.contiguous(), qw, sw, group_ends, _output_dtype(x), save_x, pow2_scales, backend
         )
         ctx.save_for_backward(*(x_forms or (None, None)), qwt, swt, group_ends)
         ctx.pow2_scales, ctx.backend, ctx.x_dtype, ctx.w_dtype = pow2_scales, backend, x.dtype, weight.dtype
+        ctx.w_grads, ctx.w_rows = w_grads, [w.shape[1] for w in weights]
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         qxt, sxt, qwt, swt, group_ends = ctx.saved_tensors
-        grad_x, grad_w = fp8_linear_backward(
-            grad_out, qxt, sxt, qwt, swt, group_ends, *ctx.needs_input_grad[:2],
-            ctx.x_dtype, ctx.w_dtype, ctx.pow2_scales, ctx.backend,
+        grad_x, grad_ws = fp8_linear_backward(
+            grad_out, qxt, sxt, qwt, swt, group_ends, ctx.needs_input_grad[0], any(ctx.w_grads),
+            ctx.x_dtype, ctx.w_dtype, ctx.pow2_scales, ctx.backend, w_rows=ctx.w_rows,
         )  # fmt: skip
-        return grad_x, grad_w, None, None, None, None
+        grad_ws = [g if wanted else None for g, wanted in zip(grad_ws or [None] * len(ctx.w_rows), ctx.w_grads)]
+        return grad_x, grad_ws[0], None, None, None, None, *grad_ws[1:]
 
 
 def fp8_grouped_linear(
@@ -441,10 +503,12 @@ def fp8_grouped_linear(
     pow2_scales: bool = False,
     backend: str | None = None,
     cache: FP8WeightCache | None = None,
+    *siblings: torch.Tensor,
 ) -> torch.Tensor:
     """`grouped_gemm(x, weight, group_ends)` in FP8 (FP8GroupedLinearFunction; groups must start at
-    multiples of 128); `cache` keeps the weight's FP8 forms between calls (FP8WeightCache)."""
-    return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend, cache)
+    multiples of 128); `cache` keeps the weight's FP8 forms between calls (FP8WeightCache). `siblings`: more
+    (E, N_i, K) weights read by the same x; the output is then the joint (M, N + sum N_i)."""
+    return FP8GroupedLinearFunction.apply(x, weight, group_ends, pow2_scales, backend, cache, *siblings)
 
 
 def _quantize_weight(weight: torch.Tensor, transposed: bool, pow2_scales: bool, backend):

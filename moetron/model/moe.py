@@ -103,7 +103,10 @@ class Router(nn.Module):
 
 class GroupedExperts(nn.Module):
     """n_experts SwiGLU experts stored as 3-D weights, computed with grouped GEMMs over tokens
-    sorted by expert; in FP8 with `fp8` enabled (then every group must start at a multiple of 128)."""
+    sorted by expert; in FP8 with `fp8` enabled (then every group must start at a multiple of 128). In FP8 the
+    gate and up projections run as one grouped GEMM over their joint FP8 forms (fp8_grouped_linear's siblings:
+    x quantized once, one GEMM for y and one for dX; `gate_up_together`, on, is there for comparisons), and with
+    `fp8.fuse_swiglu` the SwiGLU quantizes h for the down projection itself."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, fp8: FP8Config | None = None):
         super().__init__()
@@ -113,13 +116,19 @@ class GroupedExperts(nn.Module):
         self.fp8 = fp8 is not None and fp8.enabled
         self.pow2_scales = self.fp8 and fp8.pow2_scales
         self.fuse_swiglu = self.fp8 and fp8.fuse_swiglu
+        self.gate_up_together = True
         cache = self.fp8 and fp8.cache_weights
-        names = ("gate_proj", "up_proj", "down_proj")
+        names = ("gate_up", "gate_proj", "up_proj", "down_proj")
         self.fp8_weight_caches = {name: FP8WeightCache() for name in names} if cache else {}
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, d_model) sorted by expert; group_ends (n_experts,) cumulative counts."""
-        gate, up = self._mm(x, "gate_proj", group_ends), self._mm(x, "up_proj", group_ends)
+        if self.fp8 and self.gate_up_together:
+            cache = self.fp8_weight_caches.get("gate_up")
+            gate_up = fp8_grouped_linear(x, self.gate_proj, group_ends, self.pow2_scales, None, cache, self.up_proj)
+            gate, up = gate_up.split(self.gate_proj.shape[1], dim=-1)
+        else:
+            gate, up = self._mm(x, "gate_proj", group_ends), self._mm(x, "up_proj", group_ends)
         if self.fuse_swiglu:  # h quantized in the SwiGLU for the down projection (moetron.kernels.fp8_swiglu)
             cache = self.fp8_weight_caches.get("down_proj")
             return fp8_swiglu_linear(gate, up, self.down_proj, group_ends, self.pow2_scales, None, cache)

@@ -53,7 +53,7 @@ def test_fused_equals_norm_then_fp8_layer(outs):
 
 
 def test_fused_layer_quantizes_in_the_norm(monkeypatch):
-    """Forward: the weights' forms, one fused norm + quantization, one GEMM. Backward: dY quantized once, dgrad
+    """Forward: the weights' forms (each into its slice of the joint forms), one fused norm + quantization, one GEMM. Backward: dY quantized once, dgrad
     and wgrad GEMMs, one norm backward."""
     import moetron.kernels.fp8_linear as fl
 
@@ -65,7 +65,7 @@ def test_fused_layer_quantizes_in_the_norm(monkeypatch):
     x, norm, weights, dy = setup(130, 256, (128, 64))
     run(x, norm, weights, dy, True)
     assert calls == [
-        "quantize_128x128_dual", "rmsnorm_quantize", "fp8_gemm",
+        "quantize_128x128_dual", "quantize_128x128_dual", "rmsnorm_quantize", "fp8_gemm",
         "quantize_1x128_dual", "fp8_gemm", "fp8_gemm", "rmsnorm_backward",
     ]  # fmt: skip
 

@@ -53,9 +53,10 @@ def test_shared_input_equals_the_layers_one_by_one(monkeypatch, outs, pow2_scale
     with torch.autocast("cpu", dtype=torch.bfloat16):
         xt = x.clone().requires_grad_()
         together = fp8_shared_input(xt, layers)
-    assert calls == ["quantize_128x128_dual", "quantize_1x128_dual", "fp8_gemm"]  # W once, x once, one GEMM
+    # each W quantized into its slice of the joint forms, x once, one GEMM
+    assert calls == ["quantize_128x128_dual"] * len(outs) + ["quantize_1x128_dual", "fp8_gemm"]
     sum(((y.float() * dy).sum() for y, dy in zip(together, dys)), torch.zeros(())).backward()
-    assert calls[3:] == ["quantize_1x128_dual", "fp8_gemm", "fp8_gemm"]  # dY once, dX and dW one GEMM each
+    assert calls[len(outs) + 2 :] == ["quantize_1x128_dual", "fp8_gemm", "fp8_gemm"]  # dY once, dX and dW one each
     for y, want in zip(together, alone):
         assert y.dtype == torch.bfloat16 and y.shape == want.shape
         assert rel_err(y, want) < 2 * BF16_U  # (bf16 outputs of fp32 sums that may differ in the last bits)
@@ -94,12 +95,12 @@ def test_shared_input_cache_keeps_the_stack_while_every_weight_is_unchanged(monk
     calls = count_calls(monkeypatch, ["quantize_128x128_dual"])
     first = fp8_shared_input(x, layers, cache)
     again = fp8_shared_input(x, layers, cache)
-    assert calls == ["quantize_128x128_dual"]
+    assert calls == ["quantize_128x128_dual"] * 2  # (each weight into its slice of the joint forms, once)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     with torch.no_grad():
         layers[1].weight.mul_(2.0)  # the version counter moves
     changed = fp8_shared_input(x, layers, cache)
-    assert calls == ["quantize_128x128_dual"] * 2
+    assert calls == ["quantize_128x128_dual"] * 4
     assert torch.equal(changed[0], first[0]) and not torch.equal(changed[1], first[1])
     assert all(torch.equal(a, b) for a, b in zip(changed, fp8_shared_input(x, layers)))
 
@@ -129,3 +130,57 @@ def test_shared_input_equals_the_layers_one_by_one_gpu(outs):
     for dw, want in zip(dws, dws_alone):
         assert rel_err(dw, want) < 1e-4
     assert rel_err(dx, dx_alone) < 2 * BF16_U
+
+
+# ------------------------------------------------------------------------- experts' gate and up (grouped)
+@pytest.mark.parametrize("pow2_scales", [False, True])
+def test_grouped_siblings_equal_the_weights_one_by_one(monkeypatch, pow2_scales):
+    """The experts' gate and up as one grouped FP8 GEMM over their joint forms (fp8_grouped_linear's siblings): the
+    outputs and both weight gradients of the two calls alone (the same FP8 bytes: F % 128 == 0), dX the same sum
+    up to rounding; x and dY quantized once, one grouped GEMM for y and one for dX, one wgrad GEMM per weight,
+    each weight quantized once into its slice of the joint forms."""
+    from moetron.kernels.fp8_linear import fp8_grouped_linear
+
+    torch.manual_seed(0)
+    e, f, k = 3, 128, 256
+    gate, up = (torch.randn(e, f, k) * k**-0.5 for _ in range(2))
+    group_ends = torch.tensor([128, 128, 384])  # an empty group; rows past 384 give zeros
+    x = torch.randn(400, k)
+    x[384:] = 0
+    dy = torch.randn(400, 2 * f)
+    dy[384:] = 0
+
+    def run(together):
+        xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if together:
+                y = fp8_grouped_linear(xs, g, group_ends, pow2_scales, None, None, u)
+            else:
+                y = torch.cat([fp8_grouped_linear(xs, w, group_ends, pow2_scales) for w in (g, u)], dim=-1)
+        y.backward(dy)
+        return y.detach(), xs.grad, g.grad, u.grad
+
+    calls = count_calls(
+        monkeypatch, ["quantize_1x128_dual", "quantize_128x128_dual", "fp8_grouped_gemm", "fp8_grouped_gemm_wgrad"]
+    )
+    y, dx, d_gate, d_up = run(True)
+    assert calls == [
+        "quantize_128x128_dual", "quantize_128x128_dual", "quantize_1x128_dual", "fp8_grouped_gemm",
+        "quantize_1x128_dual", "fp8_grouped_gemm", "fp8_grouped_gemm_wgrad", "fp8_grouped_gemm_wgrad",
+    ]  # fmt: skip
+    y_ref, dx_ref, d_gate_ref, d_up_ref = run(False)
+    assert torch.equal(y, y_ref)
+    assert rel_err(d_gate, d_gate_ref) < TIGHT and rel_err(d_up, d_up_ref) < TIGHT
+    assert d_gate.is_contiguous() and d_up.is_contiguous()
+    assert rel_err(dx, dx_ref) < 2 * BF16_U
+    assert d_gate[1].abs().max() == 0  # the empty group's expert
+
+
+def test_grouped_siblings_check_their_shapes():
+    from moetron.kernels.fp8_linear import fp8_grouped_linear
+
+    x, ends = torch.randn(128, 256), torch.tensor([128, 128])
+    with pytest.raises(ValueError, match="sibling weight 1"):
+        fp8_grouped_linear(x, torch.randn(2, 128, 256), ends, False, None, None, torch.randn(3, 128, 256))
+    with pytest.raises(ValueError, match="out_features=100"):
+        fp8_grouped_linear(x, torch.randn(2, 128, 256), ends, False, None, None, torch.randn(2, 100, 256))

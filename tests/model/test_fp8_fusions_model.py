@@ -125,3 +125,29 @@ def test_norm_fusion_stays_off_where_it_cannot_apply():
     layer = fl.FP8Linear(128, 128, bias=True)
     (y,) = project_together(x, (layer,), None, RMSNorm(128), fuse_norm=True)  # a bias: not an FP8 sibling
     assert torch.allclose(y, layer(RMSNorm(128)(x)))
+
+
+def test_experts_gate_and_up_as_one_grouped_gemm():
+    """In FP8 the routed experts' gate and up run as one grouped GEMM over joint forms: the MoE layer's output as
+    with two grouped GEMMs (the same FP8 bytes), the gradients up to dX's one rounding instead of a bf16 sum."""
+    from moetron.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig(**dict(BASE, score_func="sigmoid", n_routed_experts=8, top_k=3), fp8=FP8Config(enabled=True)))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, dy = torch.randn(2, 100, 128), torch.randn(2, 100, 128)
+    runs = []
+    for together in (True, False):
+        moe.experts.gate_up_together = together
+        moe.zero_grad()
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(xs)
+        y.backward(dy)
+        runs.append((y.detach(), xs.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}))
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = runs
+    assert torch.equal(y, y_ref)
+    assert rel_err(dx, dx_ref) < 1e-2
+    for name in ("experts.gate_proj", "experts.up_proj", "experts.down_proj"):
+        assert rel_err(grads[name], grads_ref[name]) < 1e-2, name

@@ -1,0 +1,25 @@
+"""Sibling weights quantized into their slices of joint FP8 forms (fp8_linear._stacked_weight_forms, the Triton
+path under TRITON_INTERPRET=1): the same bytes as quantizing the stacked weights (both through the interpreter,
+so its e4m3 cast is the same on both sides), dense (the last weight's rows not a multiple of 128: W^T's padding
+columns) and per expert; no weight is copied."""
+
+import pytest
+import torch
+
+from moetron.kernels.fp8_linear import _stacked_weight_forms
+from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton
+
+
+@pytest.mark.parametrize("shapes", [[(256, 256), (192, 256)], [(2, 128, 256), (2, 256, 256)]])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_stacked_forms_equal_the_forms_of_the_stack(shapes, pow2):
+    torch.manual_seed(0)
+    weights = [torch.randn(*shape) * (i + 1) for i, shape in enumerate(shapes)]
+    got = _stacked_weight_forms(weights, pow2, None)
+    want = quantize_128x128_dual_triton(torch.cat(weights, dim=-2), pow2)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert torch.equal(
+            g.view(torch.uint8) if g.dtype != torch.float32 else g,
+            w.view(torch.uint8) if w.dtype != torch.float32 else w,
+        )
