@@ -184,3 +184,32 @@ def test_grouped_siblings_check_their_shapes():
         fp8_grouped_linear(x, torch.randn(2, 128, 256), ends, False, None, None, torch.randn(3, 128, 256))
     with pytest.raises(ValueError, match="out_features=100"):
         fp8_grouped_linear(x, torch.randn(2, 128, 256), ends, False, None, None, torch.randn(2, 100, 256))
+
+
+@pytest.mark.gpu
+def test_grouped_siblings_equal_the_weights_one_by_one_gpu():
+    """On the GPU kernels (Gluon grouped GEMM and wgrad, each wgrad reading its row block of dY^T with its own
+    token-block-major scales), at the mini preset's expert sizes: 8 experts, 512 wide gate and up, 1536 in."""
+    from moetron.kernels.fp8_linear import fp8_grouped_linear
+
+    torch.manual_seed(0)
+    e, f, k = 8, 512, 1536
+    gate, up = (torch.randn(e, f, k, device="cuda") * k**-0.5 for _ in range(2))
+    group_ends = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * 1024
+    group_ends[2] = group_ends[1]  # an empty group
+    x = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(8192, 2 * f, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for together in (True, False):
+        xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if together:
+                y = fp8_grouped_linear(xs, g, group_ends, False, None, None, u)
+            else:
+                y = torch.cat([fp8_grouped_linear(xs, w, group_ends) for w in (g, u)], dim=-1)
+        y.backward(dy)
+        results.append((y.detach(), xs.grad, g.grad, u.grad))
+    (y, dx, d_gate, d_up), (y_ref, dx_ref, d_gate_ref, d_up_ref) = results
+    assert rel_err(y, y_ref) < 1e-6
+    assert rel_err(d_gate, d_gate_ref) < 1e-5 and rel_err(d_up, d_up_ref) < 1e-5
+    assert rel_err(dx, dx_ref) < 2 * BF16_U
