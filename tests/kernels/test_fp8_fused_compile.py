@@ -64,3 +64,14 @@ def test_norm_kernels_compile(tmp_path, dtype):
     for config in configs(nt._norm_backward_kernel):
         args = (x, w, rstd, x, x, parts, M, F, F, F, F)
         check(nt._norm_backward_kernel, args, dict(config, BLOCK_M=nt._BACKWARD_ROWS), tmp_path)
+
+
+def test_dual_quantizer_compiles(tmp_path):
+    """The plain dual quantizer, which shares its store (_store_dual, TRANSPOSED by default) with the fused ones."""
+    from moetron.kernels import fp8_quant_triton as qt_mod
+
+    x = torch.empty(M, F, dtype=torch.bfloat16)
+    (q, s, qt, sct), strides = quant_outputs(True)
+    for config in configs(qt_mod._quant_1x128_dual_kernel):
+        args = (x, q, s, qt, sct, M, F, F, *strides)
+        check(qt_mod._quant_1x128_dual_kernel, args, dict(config, POW2=False), tmp_path)
