@@ -34,7 +34,8 @@ from moetron.kernels.fp8 import (
     quantize_1x128_dual_reference,
     quantize_1x128_reference,
 )
-from moetron.kernels.fp8_linear import FP8WeightCache, _output_dtype, fp8_linear_backward, weight_forms
+from moetron.kernels.fp8_linear import _output_dtype, fp8_linear_backward
+from moetron.kernels.fp8_weights import FP8WeightCache, weight_forms
 from moetron.kernels.ops import dispatch_visible
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)

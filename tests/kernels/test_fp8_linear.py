@@ -271,19 +271,22 @@ def test_fp8_grouped_linear_autocast_and_errors():
 
 
 def spy_quantizers(monkeypatch):
-    """Counts the quantizer calls of moetron.kernels.fp8_linear by name."""
+    """Counts the quantizer calls of moetron.kernels.fp8_linear (activations) and fp8_weights (weights) by name."""
     import moetron.kernels.fp8_linear as fl
+    import moetron.kernels.fp8_weights as fw
 
     calls = []
-    for name in (
-        "quantize_1x128",
-        "quantize_1x128_t",
-        "quantize_1x128_dual",
-        "quantize_128x128",
-        "quantize_128x128_dual",
+    for module, name in (
+        (fl, "quantize_1x128"),
+        (fl, "quantize_1x128_t"),
+        (fl, "quantize_1x128_dual"),
+        (fw, "quantize_128x128"),
+        (fw, "quantize_128x128_dual"),
     ):
-        real = getattr(fl, name)
-        monkeypatch.setattr(fl, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
+        )
     return calls
 
 

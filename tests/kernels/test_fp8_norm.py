@@ -56,10 +56,11 @@ def test_fused_layer_quantizes_in_the_norm(monkeypatch):
     """Forward: the weights' forms (each into its slice of the joint forms), one fused norm + quantization, one GEMM. Backward: dY quantized once, dgrad
     and wgrad GEMMs, one norm backward."""
     import moetron.kernels.fp8_linear as fl
+    import moetron.kernels.fp8_weights as fw
 
     calls = []
     for module, name in [(fn, "rmsnorm_quantize"), (fn, "rmsnorm_backward"), (fn, "fp8_gemm"), (fl, "fp8_gemm"),
-                         (fl, "quantize_1x128_dual"), (fl, "quantize_128x128_dual")]:  # fmt: skip
+                         (fl, "quantize_1x128_dual"), (fw, "quantize_128x128_dual")]:  # fmt: skip
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
     x, norm, weights, dy = setup(130, 256, (128, 64))

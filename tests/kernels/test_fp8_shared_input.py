@@ -21,12 +21,15 @@ def siblings(outs, in_features=256, dtype=torch.float32, pow2_scales=False):
 
 
 def count_calls(monkeypatch, names):
+    """Counts calls by name of the kernels fp8_linear calls (the weights' quantizers: fp8_weights)."""
     import moetron.kernels.fp8_linear as fl
+    import moetron.kernels.fp8_weights as fw
 
     calls = []
     for name in names:
-        fn = getattr(fl, name)
-        monkeypatch.setattr(fl, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+        module = fw if name.startswith("quantize_128x128") else fl
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
     return calls
 
 

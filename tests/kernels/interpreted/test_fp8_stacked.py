@@ -1,4 +1,4 @@
-"""Sibling weights quantized into their slices of joint FP8 forms (fp8_linear._stacked_weight_forms, the Triton
+"""Sibling weights quantized into their slices of joint FP8 forms (fp8_weights._stacked_weight_forms, the Triton
 path under TRITON_INTERPRET=1): the same bytes as quantizing the stacked weights (both through the interpreter,
 so its e4m3 cast is the same on both sides), dense (the last weight's rows not a multiple of 128: W^T's padding
 columns) and per expert; no weight is copied."""
@@ -6,8 +6,8 @@ columns) and per expert; no weight is copied."""
 import pytest
 import torch
 
-from moetron.kernels.fp8_linear import _stacked_weight_forms
 from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton
+from moetron.kernels.fp8_weights import _stacked_weight_forms
 
 
 @pytest.mark.parametrize("shapes", [[(256, 256), (192, 256)], [(2, 128, 256), (2, 256, 256)]])
