@@ -30,7 +30,8 @@ import triton
 from timing import kernel_breakdown_us  # bench/timing.py (this script's directory is on sys.path)
 from torch import nn
 
-from moetron.kernels.fp8_linear import FP8Linear, fp8_grouped_linear
+from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
+from moetron.kernels.fp8_linear import FP8Linear
 from moetron.kernels.launch import FastLaunch
 from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8Config

@@ -13,7 +13,7 @@ Load balancing (DeepSeek-V3 section 2.1.2):
 * sequence-wise balance loss alpha * sum_i f_i P_i per sequence (V3 eq. 17-20);
 * optionally the classic batch-wise auxiliary loss, the same formula over all tokens of the batch.
 
-FP8 (`cfg.fp8.enabled`): the experts' grouped GEMMs run in FP8 (`kernels.fp8_linear.fp8_grouped_linear`),
+FP8 (`cfg.fp8.enabled`): the experts' grouped GEMMs run in FP8 (`kernels.fp8_grouped_linear.fp8_grouped_linear`),
 whose weight gradient needs every expert's rows to start at a multiple of 128. The dispatch then
 places each expert's rows at a 128-aligned offset of a zero-filled buffer sized for the worst case
 (tokens * top_k + n_experts * 127, rounded up to 128), with the offsets computed on the device (no
@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels import grouped_gemm
-from moetron.kernels.fp8_linear import FP8_BLOCK, FP8WeightCache, fp8_grouped_linear
+from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
+from moetron.kernels.fp8_linear import FP8_BLOCK, FP8WeightCache
 from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model.config import FP8Config, ModelConfig
 from moetron.model.layers import SwiGLU

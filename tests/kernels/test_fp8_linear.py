@@ -8,13 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetron.kernels.fp8 import quantize_1x128_reference, quantize_1x128_t_reference, quantize_128x128_reference
+from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
 from moetron.kernels.fp8_linear import (
     FP8_GEMM_RELATIVE_ERROR,
     FP8_UNIT_ROUNDOFF,
     FP8Linear,
     FP8WeightCache,
     clear_weight_caches,
-    fp8_grouped_linear,
     fp8_linear,
 )
 

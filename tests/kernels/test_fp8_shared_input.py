@@ -21,15 +21,19 @@ def siblings(outs, in_features=256, dtype=torch.float32, pow2_scales=False):
 
 
 def count_calls(monkeypatch, names):
-    """Counts calls by name of the kernels fp8_linear calls (the weights' quantizers: fp8_weights)."""
+    """Counts calls by name of the kernels the FP8 layers call (fp8_linear, fp8_grouped_linear; the weights'
+    quantizers: fp8_weights)."""
     import moetron.kernels.fp8_linear as fl
     import moetron.kernels.fp8_weights as fw
 
     calls = []
+    import moetron.kernels.fp8_grouped_linear as fg
+
     for name in names:
-        module = fw if name.startswith("quantize_128x128") else fl
-        fn = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+        modules = [fw] if name.startswith("quantize_128x128") else [m for m in (fl, fg) if hasattr(m, name)]
+        for module in modules:
+            fn = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
     return calls
 
 
@@ -142,7 +146,7 @@ def test_grouped_siblings_equal_the_weights_one_by_one(monkeypatch, pow2_scales)
     outputs and both weight gradients of the two calls alone (the same FP8 bytes: F % 128 == 0), dX the same sum
     up to rounding; x and dY quantized once, one grouped GEMM for y and one for dX, one wgrad GEMM per weight,
     each weight quantized once into its slice of the joint forms."""
-    from moetron.kernels.fp8_linear import fp8_grouped_linear
+    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
 
     torch.manual_seed(0)
     e, f, k = 3, 128, 256
@@ -180,7 +184,7 @@ def test_grouped_siblings_equal_the_weights_one_by_one(monkeypatch, pow2_scales)
 
 
 def test_grouped_siblings_check_their_shapes():
-    from moetron.kernels.fp8_linear import fp8_grouped_linear
+    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
 
     x, ends = torch.randn(128, 256), torch.tensor([128, 128])
     with pytest.raises(ValueError, match="sibling weight 1"):
@@ -193,7 +197,7 @@ def test_grouped_siblings_check_their_shapes():
 def test_grouped_siblings_equal_the_weights_one_by_one_gpu():
     """On the GPU kernels (Gluon grouped GEMM and wgrad, each wgrad reading its row block of dY^T with its own
     token-block-major scales), at the mini preset's expert sizes: 8 experts, 512 wide gate and up, 1536 in."""
-    from moetron.kernels.fp8_linear import fp8_grouped_linear
+    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
 
     torch.manual_seed(0)
     e, f, k = 8, 512, 1536

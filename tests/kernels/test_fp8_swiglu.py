@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from moetron.kernels import fp8_swiglu as fs
-from moetron.kernels.fp8_linear import FP8_GEMM_RELATIVE_ERROR, fp8_grouped_linear, fp8_linear
+from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
+from moetron.kernels.fp8_linear import FP8_GEMM_RELATIVE_ERROR, fp8_linear
 from moetron.kernels.fp8_swiglu import fp8_swiglu_linear, swiglu_backward_reference, swiglu_quantize_reference
 
 

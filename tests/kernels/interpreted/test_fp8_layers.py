@@ -7,7 +7,8 @@ as the fused arithmetic differs: a wiring error would be of the order of the val
 import torch
 import torch.nn.functional as F
 
-from moetron.kernels.fp8_linear import FP8LinearFunction, fp8_grouped_linear, fp8_linear
+from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
+from moetron.kernels.fp8_linear import FP8LinearFunction, fp8_linear
 from moetron.kernels.fp8_norm import fp8_norm_linear
 from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model import ModelConfig, Transformer
