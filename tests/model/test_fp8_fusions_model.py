@@ -1,5 +1,5 @@
-"""The model's FP8 producer fusions (off by default until their GPU tests have run): the SwiGLU fused into the down projections (`fp8.fuse_swiglu`;
-dense FFN, shared and routed experts) and RMSNorm fused into the projections it feeds (`fp8.fuse_norm`; the
+"""The model's FP8 producer fusions (off by default until their GPU tests have run): the SwiGLU fused into the
+down projections (`fp8.fuse_swiglu`; dense FFN, shared and routed experts) and RMSNorm fused into the projections it feeds (`fp8.fuse_norm`; the
 attention's and dense FFN's pre-norms, MLA's latent norms). Each against the model without it on the same weights
 (loss and gradients), the work it replaces, and where it stays off. On CPU the kernels run as their torch
 references."""
@@ -20,17 +20,13 @@ def count(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or fn(*a, **k))
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla"])
-def test_fused_swiglu_model_is_as_accurate_as_the_unfused_one(monkeypatch, arch):
-    """Every gated FFN (the dense layer's, each MoE layer's shared expert and routed experts, the MTP block's)
-    quantizes h in its SwiGLU: one fused quantization each, and as many fewer quantizations of a layer input.
-    Against the fp32 model with the same weights, the fused model's loss and gradients are as close as the
-    unfused FP8 model's (measured over 3 seeds: all gradients flattened, 0.050-0.067 relative for both, at most
-    1.03x apart; the loss within 3e-4)."""
+def fp32_fused_unfused(monkeypatch, cfg, fused_fp8: FP8Config, counted) -> list[tuple]:
+    """(loss, all gradients flattened, counted calls) of the fp32 model, the FP8 model with `fused_fp8` and the
+    plain FP8 model, from the same weights and batch under bf16 autocast; `counted`: (module, name) pairs whose
+    calls are recorded by name."""
     torch.manual_seed(0)
-    cfg = dict(BASE, **ARCHS[arch])
     ref = Transformer(ModelConfig(**cfg))
-    fused = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True, fuse_swiglu=True)))
+    fused = Transformer(ModelConfig(**cfg, fp8=fused_fp8))
     unfused = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
     fused.load_state_dict(ref.state_dict())
     unfused.load_state_dict(ref.state_dict())
@@ -38,13 +34,25 @@ def test_fused_swiglu_model_is_as_accurate_as_the_unfused_one(monkeypatch, arch)
     runs = []
     for model in (ref, fused, unfused):
         calls = []
-        count(monkeypatch, fs, "swiglu_quantize", calls)
-        count(monkeypatch, fl, "quantize_1x128_dual", calls)
-        count(monkeypatch, fl, "quantize_1x128", calls)
+        for module, name in counted:
+            count(monkeypatch, module, name, calls)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, grads = loss_and_grads(model, ids)
         runs.append((out.loss.item(), torch.cat([g.flatten() for g in grads.values()]), calls))
         monkeypatch.undo()
+    return runs
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fused_swiglu_model_is_as_accurate_as_the_unfused_one(monkeypatch, arch):
+    """Every gated FFN (the dense layer's, each MoE layer's shared expert and routed experts, the MTP block's)
+    quantizes h in its SwiGLU: one fused quantization each, and as many fewer quantizations of a layer input.
+    Against the fp32 model with the same weights, the fused model's loss and gradients are as close as the
+    unfused FP8 model's (measured over 3 seeds: all gradients flattened, 0.050-0.067 relative for both, at most
+    1.03x apart; the loss within 3e-4)."""
+    counted = [(fs, "swiglu_quantize"), (fl, "quantize_1x128_dual"), (fl, "quantize_1x128")]
+    fp8 = FP8Config(enabled=True, fuse_swiglu=True)
+    runs = fp32_fused_unfused(monkeypatch, dict(BASE, **ARCHS[arch]), fp8, counted)
     (loss_ref, grads_ref, _), (loss, grads, calls), (loss_unfused, grads_unfused, calls_unfused) = runs
     blocks = BASE["n_layers"] + BASE["mtp_depth"]
     dense = BASE["first_k_dense_replace"]
@@ -77,27 +85,14 @@ def test_fused_norm_model_matches_the_unfused_one(monkeypatch, arch):
     input themselves: one fused quantization each, none of the plain quantizer for those inputs. The residual
     stream is fp32 here (fp32 weights under autocast), where the fused forward does the unfused one's arithmetic;
     where a norm's input is bf16 (MLA's latents, GEMM outputs; the MTP block's input, its projection's output) the
-    unfused norm rounds once more before the weight (measured: 1.6e-6 of the loss with GQA, 1.2e-5 with MLA). The backward's norm gradient rounds differently in the last fp32 place, which moves the FP8
-    codes of the gradients quantized upstream where they sat on a rounding boundary: against the fp32 model the
-    gradients are as close as the unfused model's."""
-    torch.manual_seed(0)
+    unfused norm rounds once more before the weight (measured: 1.6e-6 of the loss with GQA, 1.2e-5 with MLA).
+    The backward's norm gradient rounds differently in the last fp32 place, which moves the FP8 codes of the
+    gradients quantized upstream where they sat on a rounding boundary: against the fp32 model the gradients are
+    as close as the unfused model's."""
     gqa = {"attention_bias": False, "n_kv_heads": 2}  # (q, k, v: 128 wide each, no bias: FP8 siblings)
     cfg = {**BASE, **ARCHS[arch], **(gqa if arch == "gqa" else {})}
-    ref = Transformer(ModelConfig(**cfg))
-    fused = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True, fuse_norm=True)))
-    unfused = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
-    fused.load_state_dict(ref.state_dict())
-    unfused.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, BASE["vocab_size"], (2, 65))
-    runs = []
-    for model in (ref, fused, unfused):
-        calls = []
-        count(monkeypatch, fn, "rmsnorm_quantize", calls)
-        count(monkeypatch, fl, "quantize_1x128_dual", calls)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, grads = loss_and_grads(model, ids)
-        runs.append((out.loss.item(), torch.cat([g.flatten() for g in grads.values()]), calls))
-        monkeypatch.undo()
+    counted = [(fn, "rmsnorm_quantize"), (fl, "quantize_1x128_dual")]
+    runs = fp32_fused_unfused(monkeypatch, cfg, FP8Config(enabled=True, fuse_norm=True), counted)
     (_, grads_ref, _), (loss, grads, calls), (loss_unfused, grads_unfused, calls_unfused) = runs
     blocks = BASE["n_layers"] + BASE["mtp_depth"]
     norms = blocks + BASE["first_k_dense_replace"] + (2 * blocks if arch == "mla" else 0)
