@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moetron.kernels.fp8 import FP8_DTYPE, SCALE_BLOCK
-from moetron.kernels.fp8_quant_triton import INTERPRET, _store_dual, _token_block_major_scales
+from moetron.kernels.fp8 import SCALE_BLOCK
+from moetron.kernels.fp8_quant_triton import INTERPRET, _store_dual, dual_outputs, dual_store_args
 from moetron.kernels.launch import FastLaunch, cdiv
 
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -105,20 +105,13 @@ def rmsnorm_quantize_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, p
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight.contiguous()
     m, d = x.shape
-    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    q = torch.empty(m, d, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, d // SCALE_BLOCK, dtype=torch.float32, device=x.device)
-    qt = st = None
-    if transposed:
-        qt = torch.empty(d, m_pad, dtype=FP8_DTYPE, device=x.device)
-        st = _token_block_major_scales(d, m_pad, x)
+    q, s, qt, st = dual_outputs(m, d, x, transposed)
     if m and d:
         _launch_rstd(lambda meta: (cdiv(m, meta["BLOCK_M"]),), x, rstd, m, d, float(eps), x.stride(0))
-        qt_args = (qt, st, qt.stride(0), *st.stride()) if transposed else (q, s, 0, 0, 0)  # (unused without)
+        pointers, strides = dual_store_args(q, s, qt, st)
         _launch_quant(
-            (m_pad // SCALE_BLOCK, d // SCALE_BLOCK),
-            x, weight, rstd, q, s, qt_args[0], qt_args[1], m, d, x.stride(0), q.stride(0), s.stride(0), *qt_args[2:],
+            (cdiv(m, SCALE_BLOCK), d // SCALE_BLOCK), x, weight, rstd, *pointers, m, d, x.stride(0), *strides,
             POW2=pow2_scales, TRANSPOSED=transposed,
         )  # fmt: skip
     return q, s, qt, st, rstd

@@ -244,22 +244,33 @@ def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
     return q, s, qt, st
 
 
+def dual_outputs(m: int, k: int, like: torch.Tensor, transposed: bool = True) -> tuple:
+    """(q, s, qt, st) for the dual quantizer's store (_store_dual) of an (M, K) input: q (M, K) e4m3, s (M, K/128),
+    and with `transposed` qt (K, M_pad) e4m3 and st (K, M_pad/128) token-block-major (else None, None)."""
+    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
+    q, s = _empty(m, k, FP8_DTYPE, like), _empty(m, k // SCALE_BLOCK, torch.float32, like)
+    if not transposed:
+        return q, s, None, None
+    return q, s, _empty(k, m_pad, FP8_DTYPE, like), _token_block_major_scales(k, m_pad, like)
+
+
+def dual_store_args(q, s, qt, st) -> tuple[tuple, tuple]:
+    """The arguments _store_dual's kernels take for these outputs: (Q, S, QT, ST) and (stride_qm, stride_sm,
+    stride_qk, stride_sk, stride_sb). Without the transposed forms q and s stand in for them (the kernel, launched
+    with TRANSPOSED=False, never touches them)."""
+    if qt is None:
+        return (q, s, q, s), (q.stride(0), s.stride(0), 0, 0, 0)
+    return (q, s, qt, st), (q.stride(0), s.stride(0), qt.stride(0), *st.stride())
+
+
 def quantize_1x128_dual_triton(x: torch.Tensor, pow2_scales: bool, out=None):
     """quantize_1x128_triton and quantize_1x128_t_triton of x (K % 128 == 0) from one read of x ->
     (q, s, qt, st). `out`: (q, s, qt, st) to write into."""
     m, k = x.shape
-    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
     x = x if x.stride(1) == 1 else x.contiguous()
-    q, s, qt, st = out or (
-        _empty(m, k, FP8_DTYPE, x),
-        _empty(m, k // SCALE_BLOCK, torch.float32, x),
-        _empty(k, m_pad, FP8_DTYPE, x),
-        _token_block_major_scales(k, m_pad, x),
-    )
+    q, s, qt, st = out or dual_outputs(m, k, x)
     if m and k:
-        grid = (m_pad // SCALE_BLOCK, k // SCALE_BLOCK)
-        _launch_dual(
-            grid, x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(),
-            POW2=pow2_scales,
-        )  # fmt: skip
+        pointers, strides = dual_store_args(q, s, qt, st)
+        grid = (cdiv(m, SCALE_BLOCK), k // SCALE_BLOCK)
+        _launch_dual(grid, x, *pointers, m, k, x.stride(0), *strides, POW2=pow2_scales)
     return q, s, qt, st

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moetron.kernels.fp8 import FP8_DTYPE, SCALE_BLOCK
-from moetron.kernels.fp8_quant_triton import INTERPRET, _store_dual, _token_block_major_scales
+from moetron.kernels.fp8 import SCALE_BLOCK
+from moetron.kernels.fp8_quant_triton import INTERPRET, _store_dual, dual_outputs, dual_store_args
 from moetron.kernels.launch import FastLaunch, cdiv
 
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -82,19 +82,12 @@ def swiglu_quantize_triton(gate: torch.Tensor, up: torch.Tensor, pow2_scales: bo
     without `transposed`."""
     gate, up = _rows_unit(gate), _rows_unit(up)
     m, f = gate.shape
-    m_pad = cdiv(m, SCALE_BLOCK) * SCALE_BLOCK
-    q = torch.empty(m, f, dtype=FP8_DTYPE, device=gate.device)
-    s = torch.empty(m, f // SCALE_BLOCK, dtype=torch.float32, device=gate.device)
-    qt = st = None
-    if transposed:
-        qt = torch.empty(f, m_pad, dtype=FP8_DTYPE, device=gate.device)
-        st = _token_block_major_scales(f, m_pad, gate)
+    q, s, qt, st = dual_outputs(m, f, gate, transposed)
     if m and f:
-        qt_args = (qt, st, qt.stride(0), *st.stride()) if transposed else (q, s, 0, 0, 0)  # (unused without)
+        pointers, strides = dual_store_args(q, s, qt, st)
         _launch_quant(
-            (m_pad // SCALE_BLOCK, f // SCALE_BLOCK),
-            gate, up, q, s, qt_args[0], qt_args[1], m, f, gate.stride(0), up.stride(0), q.stride(0), s.stride(0),
-            *qt_args[2:], POW2=pow2_scales, TRANSPOSED=transposed,
+            (cdiv(m, SCALE_BLOCK), f // SCALE_BLOCK), gate, up, *pointers, m, f, gate.stride(0), up.stride(0), *strides,
+            POW2=pow2_scales, TRANSPOSED=transposed,
         )  # fmt: skip
     return q, s, qt, st
 
