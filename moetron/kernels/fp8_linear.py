@@ -69,7 +69,7 @@ from moetron.kernels.fp8 import (
     quantize_1x128_dual,
     quantize_1x128_t,
 )
-from moetron.kernels.fp8_weights import FP8WeightCache, clear_weight_caches, weight_forms
+from moetron.kernels.fp8_weights import FP8WeightCache, _round_up, clear_weight_caches, weight_forms
 from moetron.kernels.ops import dispatch_visible
 
 FP8_BLOCK = SCALE_BLOCK  # 128: width of a quantization tile and of a scaled partial product
@@ -330,10 +330,6 @@ def _grad_dtype(w_dtype: torch.dtype) -> torch.dtype:
     """The weight gradient GEMM's output dtype: the weight's own where the kernels write it (the fp32
     accumulator rounded once, as casting an fp32 result would round it, without the extra pass), else fp32."""
     return w_dtype if w_dtype in OUT_DTYPES else torch.float32
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _nearest_multiples(n: int) -> str:
