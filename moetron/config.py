@@ -153,6 +153,23 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         _fail(name, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_fp8_device(model: ModelConfig, device: str) -> None:
+    """FP8 on a CUDA GPU needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper and later). Elsewhere on
+    CUDA the FP8 layers would fall back to their fp32 torch references (moetron.kernels.fp8), tens of times slower
+    than bf16, so the run is refused. On the CPU (tests, debugging) the references are the intended path."""
+    import torch
+
+    if not model.fp8.enabled or device == "cpu" or not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        _fail(
+            "model.fp8.enabled",
+            f"true needs a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or later); "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}: set model.fp8.enabled=false",
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Cross-field checks of a whole run; raises ConfigError naming the field."""
     m, d, o, t, lg = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.logging
@@ -206,6 +223,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _fail("trainer.resume", f"{t.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
     if t.init_from is not None and not Path(t.init_from).is_dir():
         _fail("trainer.init_from", f"{t.init_from!r} is not a directory")
+    _check_fp8_device(m, t.device)
     if cfg.kernels.backend not in (None, "torch", "sdpa", "triton"):
         _fail("kernels.backend", f"{cfg.kernels.backend!r} is not one of [None, 'torch', 'sdpa', 'triton']")
     # logging

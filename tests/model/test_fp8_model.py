@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_dir
 
-from moetron.config import ConfigError, register_configs, to_train_config
+from moetron.config import ConfigError, register_configs, to_train_config, validate
 from moetron.kernels.fp8_linear import FP8_GEMM_RELATIVE_ERROR, FP8Linear
 from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8_LAYER_GROUPS, FP8Config
@@ -364,6 +364,28 @@ def test_hydra_composes_fp8():
             to_train_config(compose("train", [*fp8_tiny, "model.fp8.layers=[mlp]"]))
         with pytest.raises(ConfigError, match=r"model: .*fp8.enabled=true needs d_model=64 to be a multiple of 128"):
             to_train_config(compose("train", ["model=tiny", "model.fp8.enabled=true"]))
+
+
+def test_fp8_run_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    """validate() refuses model.fp8.enabled on a CUDA GPU below compute capability 8.9 (the layers would run their
+    fp32 torch references there), naming the field and the GPU; on sm_89/sm_90, with trainer.device=cpu, and with
+    FP8 off it passes. The GPU is faked: the check reads only torch.cuda's answers."""
+    register_configs()
+    fp8_tiny = ["model=tiny", "model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        fp8 = to_train_config(compose("train", [*fp8_tiny, "model.fp8.enabled=true"]))
+        on_cpu = to_train_config(compose("train", [*fp8_tiny, "model.fp8.enabled=true", "trainer.device=cpu"]))
+        bf16 = to_train_config(compose("train", fp8_tiny))
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"model.fp8.enabled: true needs a GPU with FP8 tensor cores .*A100.* is 8.0"):
+        validate(fp8)
+    validate(on_cpu)
+    validate(bf16)
+    for capability[0] in [(8, 9), (9, 0)]:
+        validate(fp8)
 
 
 def test_training_run_in_fp8_with_bf16_autocast_and_checkpointing(tmp_path):
