@@ -21,6 +21,14 @@ limit keeps what it measured. `--budget-s` stops the runs early instead (the BF1
 budget, the FP8 run by all of it); the comparison then uses the steps both completed and says so
 (`comparison.all_steps_compared: false`).
 
+`--concurrent` trains the two runs at once, each in a child process of this script (`--only NAME`, its own JSON
+under `--work`), and compares them when both have ended. The numerics are those of the sequential runs (each run
+is its own process with its own seeds; nothing is shared), and the wall time is about that of the slower run when
+the steps are bound by the host, as the mini preset's are (the GPU was busy 146-155 ms of FP8's 391-414 ms steps,
+bench/results/fp8_step.json). Both models must fit in the GPU's memory together (deepseek_v3_mini at the defaults
+peaks at ~42 GiB a run: an H200, not an H100), and tokens/s are then those of two runs sharing a GPU
+(`"concurrent": true` in the JSON; no throughput ratio is reported).
+
 No checkpoints (`trainer.save_final=false`: a 2.5B-parameter checkpoint with its optimizer is ~40 GB),
 no evaluation, no wandb.
 
@@ -237,10 +245,10 @@ def train_one(
     return record
 
 
-def compare(bf16: dict, fp8: dict, second: str = "fp8") -> dict:
+def compare(bf16: dict, fp8: dict, second: str = "fp8", concurrent: bool = False) -> dict:
     """Final losses over the last FINAL_WINDOW steps both runs completed, their relative difference,
-    the step-1 difference (same weights, same batch) and the throughput ratio. `second` names the run
-    compared with BF16 in the keys (fp8, or bf16_b for the noise floor)."""
+    the step-1 difference (same weights, same batch) and the throughput ratio (not for `concurrent` runs, which
+    shared the GPU). `second` names the run compared with BF16 in the keys (fp8, or bf16_b for the noise floor)."""
     n = min(len(bf16["curve"]["loss"]), len(fp8["curve"]["loss"]))
     out: dict = {"steps_compared": n, "target_rel_diff": TARGET_REL_DIFF, "final_window": FINAL_WINDOW}
     if n == 0:
@@ -276,7 +284,7 @@ def compare(bf16: dict, fp8: dict, second: str = "fp8") -> dict:
             out["eval_rel_diff"] = (eb - ea) / abs(ea)  # > 0: the second run above BF16
     for name, run in (("bf16", bf16), (second, fp8)):  # (a run that diverged early makes the comparison a draw)
         out[f"max_grad_norm_after_step_10_{name}"] = run.get("max_grad_norm_after_step_10")
-    if bf16.get("tokens_per_sec_median") and fp8.get("tokens_per_sec_median"):
+    if bf16.get("tokens_per_sec_median") and fp8.get("tokens_per_sec_median") and not concurrent:
         out[f"{second}_over_bf16_tokens_per_sec"] = fp8["tokens_per_sec_median"] / bf16["tokens_per_sec_median"]
     # passed: judged on the compared steps; all_steps_compared says whether those were all --steps
     out["all_steps_compared"] = n == bf16["steps_done"] == fp8["steps_done"] and not (
@@ -285,6 +293,40 @@ def compare(bf16: dict, fp8: dict, second: str = "fp8") -> dict:
     if second == "fp8":  # (the noise floor has no target of its own)
         out["passed"] = bool("rel_diff" in out and abs(out["rel_diff"]) < TARGET_REL_DIFF)
     return out
+
+
+def run_children(names: list[str], out_path: str, work: Path, report: Report) -> dict[str, dict]:
+    """--concurrent: this script once per run in `names`, at the same time (`--only NAME`, the same other arguments,
+    the child's JSON and run directory under `work`); returns their `runs` entries. A child that ends without its
+    JSON, or killed, is recorded with its exit status as the run's error."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # this command line without --concurrent and --out (the children get their own)
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif arg != "--concurrent" and not arg.startswith("--out="):
+            argv.append(arg)
+    work.mkdir(parents=True, exist_ok=True)
+    children = {}
+    for name in names:
+        child_out = work / f"{name}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--only", name, "--out", str(child_out)]
+        cmd += ["--work", str(work / name)]  # (argparse keeps the last --work)
+        print(f"[{name}] child process: {' '.join(cmd)}", flush=True)
+        children[name] = (subprocess.Popen(cmd), child_out)
+    runs = {}
+    for name, (proc, child_out) in children.items():
+        code = proc.wait()
+        run = json.loads(child_out.read_text())["runs"].get(name) if child_out.is_file() else None
+        if run is None:  # (an empty record, as a run that never reached its first step leaves)
+            run = {**Recorder(name, 0, None, None).summary(), "stopped_early": True}
+        if code != 0:
+            run["error"] = run.get("error") or f"child process exited with status {code}"
+        runs[name] = run
+        report.out["runs"][name] = run
+        report.save()
+    return runs
 
 
 def git_sha() -> str:
@@ -324,7 +366,14 @@ def main() -> None:
         "of 2049 tokens on the GPU machine, fewer than one 4-sequence evaluation batch)",
     )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None, help="stop early to finish within this wall time")
-    parser.add_argument("--only", choices=["bf16", "fp8"], default=None, help="run one of the two (debugging)")
+    parser.add_argument(
+        "--only", choices=["bf16", "fp8", "bf16_b"], default=None,
+        help="run one of the two (debugging; --concurrent's child processes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrent", action="store_true",
+        help="train the two runs at once in two child processes (both must fit in GPU memory; see above)",
+    )  # fmt: skip
     parser.add_argument(
         "--second", choices=["fp8", "bf16"], default="fp8",
         help="the run compared with BF16: fp8 (the target), or bf16 again (the noise floor; see above)",
@@ -352,13 +401,19 @@ def main() -> None:
     if second != "fp8":
         out["fp8_override"] = None
         out["second_run"] = {"name": second, "overrides": args.second_override}
-    names = [args.only] if args.only else ["bf16", second]
-    for i, name in enumerate(names):
+    pair = ["bf16", second]
+    if args.only and args.only not in pair:
+        parser.error(f"--only {args.only}: this comparison's runs are {pair}")
+    names = [args.only] if args.only else pair
+    if args.concurrent and not args.only:
+        out["concurrent"] = True
+        out["runs"] = run_children(names, args.out, work, report)
+    for name in [] if out.get("concurrent") else names:
         deadline = None
-        if args.budget_s:
-            deadline = started + args.budget_s * (0.5 if i == 0 and len(names) == 2 else 1.0)
+        if args.budget_s:  # (sequential: the BF16 run gets the first half of the budget)
+            deadline = started + args.budget_s * (0.5 if name == "bf16" and len(names) == 2 else 1.0)
         flag = "true" if name == "fp8" else "false"
-        extra = args.second_override if i == 1 else []
+        extra = args.second_override if name == pair[1] else []
         overrides = [*common, f"model.fp8.enabled={flag}", *extra, f"trainer.run_dir={work / name}"]
         train_one(name, overrides, work / name, args.steps, deadline, report, args.eval_every)
         gc.collect()  # the first model, optimizer and activations go before the second is built
@@ -368,7 +423,7 @@ def main() -> None:
             print(f"[{name}] done; {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated", flush=True)
 
     if len(names) == 2:
-        out["comparison"] = compare(out["runs"]["bf16"], out["runs"][second], second)
+        out["comparison"] = compare(out["runs"]["bf16"], out["runs"][second], second, bool(out.get("concurrent")))
     out["complete"] = all(not r.get("error") and not r["stopped_early"] for r in out["runs"].values())
     report.save()
 

@@ -1,5 +1,5 @@
-"""bench/fp8_convergence.py's wiring on the CPU (2 steps of a tiny model): the FP8 comparison and the
-noise-floor mode, whose second BF16 run takes its own overrides."""
+"""bench/fp8_convergence.py's wiring on the CPU (2 steps of a tiny model): the FP8 comparison, the noise-floor
+mode, whose second BF16 run takes its own overrides, and the two runs trained at once (--concurrent)."""
 
 import json
 import subprocess
@@ -14,6 +14,7 @@ TINY = ["--steps", "2", "--device", "cpu", "--seq-len", "64", "--micro-batch", "
 
 
 def run_bench(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "c.json"
     cmd = [sys.executable, str(ROOT / "bench" / "fp8_convergence.py"), "--out", str(out), "--work", str(tmp_path)]
     subprocess.run([*cmd, *TINY, *extra], cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -42,3 +43,22 @@ def test_noise_floor_mode(tmp_path):
     # the largest gradient norm after step 10 (an early divergence): none in 2 steps
     assert comparison["max_grad_norm_after_step_10_bf16"] is None
     assert comparison["max_grad_norm_after_step_10_bf16_b"] is None
+
+
+@pytest.mark.slow
+def test_concurrent_runs_train_as_the_sequential_ones(tmp_path):
+    """--concurrent trains BF16 and FP8 in two child processes at once: each run's losses, gradient norms and
+    held-out losses are the sequential runs' exactly (same seeds, same data, nothing shared), and no throughput
+    ratio is reported for runs that shared the machine."""
+    sequential = run_bench(tmp_path / "seq")
+    concurrent = run_bench(tmp_path / "conc", "--concurrent")
+    assert concurrent["concurrent"] and concurrent["complete"] and "concurrent" not in sequential
+    for name in ("bf16", "fp8"):
+        a, b = sequential["runs"][name], concurrent["runs"][name]
+        assert b["steps_done"] == 2 and not b.get("error")
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert a["curve"][key] == b["curve"][key], (name, key)
+        assert a["eval"] == b["eval"]
+    assert concurrent["comparison"]["rel_diff"] == sequential["comparison"]["rel_diff"]
+    assert "fp8_over_bf16_tokens_per_sec" in sequential["comparison"]
+    assert "fp8_over_bf16_tokens_per_sec" not in concurrent["comparison"]
