@@ -147,6 +147,7 @@ class FP8NormLinearFunction(torch.autograd.Function):
             )
         x2 = x.reshape(-1, d)
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        _check_norm("fp8 norm linear", x2, norm_weight)  # (before the weights are quantized: D % 128 too)
         need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w_grads = ctx.needs_input_grad[6:]
         qw, sw, qwt, swt = weight_forms(weights if siblings else weight, need_x, pow2_scales, backend, cache)

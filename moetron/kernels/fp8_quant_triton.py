@@ -34,12 +34,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SB = tl.constexpr(SCALE_BLOCK)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _EPS = tl.constexpr(AMAX_EPS)
+_INTERPRET = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """max(a, b), NaN if either is NaN (torch's max; Triton's default `maximum` returns the other operand)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along `axis` of fp32 x, NaN if any element is (a NaN must reach the GEMM, and the trainer's NaN
+    guard): a reduction with _nan_max, the same instructions as tl.max's with the NaN flag. The interpreter runs a
+    custom reduction element by element (a 60x slower test suite), so there the same result comes from an integer
+    max over the bits: non-negative floats order as their bits do, and every NaN's bits lie above +inf's. (On
+    sm_90 that form made the 4-warp configs spill registers: tests/kernels/test_fp8_fused_compile.py.)"""
+    if _INTERPRET:
+        return tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis).to(tl.float32, bitcast=True)
+    return tl.reduce(tl.abs(x), axis, _nan_max)
 
 
 @triton.jit
 def _block_scale(amax, POW2: tl.constexpr):
-    """fp32 scale of a block from its amax: max(amax, eps) / 448, rounded up to a power of two if POW2."""
-    scale = tl.math.div_rn(tl.maximum(amax, _EPS), tl.full(amax.shape, _FP8_MAX, tl.float32))
+    """fp32 scale of a block from its amax: max(amax, eps) / 448, rounded up to a power of two if POW2. A NaN
+    amax stays NaN (0 after the power-of-two rounding, as in the reference)."""
+    scale = tl.math.div_rn(_nan_max(amax, _EPS), tl.full(amax.shape, _FP8_MAX, tl.float32))
     if POW2:  # round up to a power of two: carry a non-zero mantissa into the exponent, then clear it
         bits = scale.to(tl.int32, bitcast=True)
         scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
@@ -52,7 +72,10 @@ def _to_e4m3(x, scale):
     per scale (the caller's scale is per block, broadcast against x)."""
     inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     q = x * inverse
-    return tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+    q = tl.minimum(
+        tl.maximum(q, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX, propagate_nan=tl.PropagateNan.ALL
+    )
+    return q.to(tl.float8e4nv)  # (a NaN stays NaN: e4m3's 0x7F)
 
 
 def _quant_configs(kind: str) -> list[triton.Config]:
@@ -71,7 +94,7 @@ def _quant_1x128_kernel(X, Q, S, M, K, stride_xm, stride_qm, stride_sm, POW2: tl
     cols = kb * _SB + tl.arange(0, _SB)
     ok = (rows < M)[:, None]
     x = tl.load(X + r64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # (BLOCK, 128)
-    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (BLOCK,)
+    scale = _block_scale(_amax(x, 1), POW2)  # (BLOCK,)
     tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok)
     tl.store(S + r64 * stride_sm + kb, scale, mask=rows < M)
 
@@ -89,7 +112,7 @@ def _quant_1x128_t_kernel(
         mask=(rows < M)[:, None] & (cols < K)[None, :],
         other=0.0,
     ).to(tl.float32)  # (128, BLOCK); tokens past M read 0 and give the zero columns of qt
-    scale = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (BLOCK,)
+    scale = _block_scale(_amax(x, 0), POW2)  # (BLOCK,)
     qt = tl.trans(_to_e4m3(x, scale[None, :]))  # (BLOCK, 128)
     tl.store(QT + cols[:, None].to(tl.int64) * stride_qk + rows[None, :], qt, mask=(cols < K)[:, None])
     tl.store(ST + cols.to(tl.int64) * stride_sk + mb * stride_sb, scale, mask=cols < K)
@@ -112,7 +135,7 @@ def _quant_128x128_kernel(
     ok = (rows < N)[:, None]
     r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
     w = tl.load(W + e * stride_we + r64[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    scale = _block_scale(tl.max(tl.max(tl.abs(w), 1), 0), POW2)  # scalar
+    scale = _block_scale(_amax(_amax(w, 1), 0), POW2)  # scalar
     if TRANSPOSED:  # as _quant_1x128_t_kernel: cast, transpose in registers, store K-major
         qt = tl.trans(_to_e4m3(w, scale))  # (128 of K, 128 of N)
         tl.store(Q + e * stride_qe + c64[:, None] * stride_qn + rows[None, :], qt)
@@ -141,11 +164,11 @@ def _store_dual(
     cols = kb * _SB + tl.arange(0, _SB)
     r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
     ok = rows < M
-    scale = _block_scale(tl.max(tl.abs(x), 1), POW2)  # (128,) per token
+    scale = _block_scale(_amax(x, 1), POW2)  # (128,) per token
     tl.store(Q + r64[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok[:, None])
     tl.store(S + r64 * stride_sm + kb, scale, mask=ok)
     if TRANSPOSED:
-        scale_t = _block_scale(tl.max(tl.abs(x), 0), POW2)  # (128,) per feature
+        scale_t = _block_scale(_amax(x, 0), POW2)  # (128,) per feature
         qt = tl.trans(_to_e4m3(x, scale_t[None, :]))  # (128 features, 128 tokens)
         tl.store(QT + c64[:, None] * stride_qk + rows[None, :], qt)
         tl.store(ST + c64 * stride_sk + mb * stride_sb, scale_t)
@@ -221,7 +244,8 @@ def quantize_128x128_triton(w: torch.Tensor, pow2_scales: bool, out=None):
 
 
 def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
-    """w (N, K) or (E, N, K) -> (q, s, qt, st) as fp8.quantize_128x128_dual. `out`: (q, s, qt, st) to write into."""
+    """w (N, K) or (E, N, K) -> (q, s, qt, st) as fp8.quantize_128x128_dual. `out`: (q, s, qt, st) to write into;
+    with qt, st None there only q, s are written (a weight whose input needs no gradient)."""
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     n_experts, n, k = w3.shape
@@ -236,9 +260,10 @@ def quantize_128x128_dual_triton(w: torch.Tensor, pow2_scales: bool, out=None):
         empty(k, nb * SCALE_BLOCK, dtype=FP8_DTYPE),
         empty(kb, nb, dtype=torch.float32),
     )
-    q3, s3, qt3, st3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (q, s, qt, st))
+    q3, s3, qt3, st3 = (t if t is None or t.dim() == 3 else t.unsqueeze(0) for t in (q, s, qt, st))
     _launch_128x128(w3, q3, s3, pow2_scales, transposed=False)
-    _launch_128x128(w3, qt3, st3, pow2_scales, transposed=True)
+    if qt3 is not None:
+        _launch_128x128(w3, qt3, st3, pow2_scales, transposed=True)
     if w.dim() == 2 and out is None:
         return q[0], s[0], qt[0], st[0]
     return q, s, qt, st

@@ -30,7 +30,9 @@ _SB = tl.constexpr(SCALE_BLOCK)
 
 
 # (4 warps hold two 128 x 128 fp32 tiles in 256 registers a thread: ptxas spilled; tests/kernels/test_fp8_fused_compile.py)
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (8, 16))], key=["F", "POW2"])
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (8, 16))], key=["F", "POW2", "TRANSPOSED"]
+)
 @triton.jit
 def _swiglu_quant_kernel(
     G, U, Q, S, QT, ST, M, F, stride_gm, stride_um, stride_qm, stride_sm, stride_qk, stride_sk, stride_sb,

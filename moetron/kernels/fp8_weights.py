@@ -46,22 +46,24 @@ def _weight_forms(
     quantizing the weights again in the backward. Several weights are quantized into their slices of the joint
     forms (_stacked_weight_forms), never stacked themselves."""
     if len(weights) > 1:
-        q, s, qt, st = _stacked_weight_forms(weights, pow2_scales, backend)
+        q, s, qt, st = _stacked_weight_forms(weights, transposed, pow2_scales, backend)
     else:
         q, s, qt, st = _quantize_weight(weights[0], transposed, pow2_scales, backend)
     return [q, s, *((qt, st) if transposed else ())]
 
 
-def _stacked_weight_forms(weights: list[torch.Tensor], pow2_scales: bool, backend: str | None) -> tuple:
+def _stacked_weight_forms(weights: list[torch.Tensor], transposed: bool, pow2_scales: bool, backend: str | None):
     """(q, s, qt, st) of weights (N_i, K) or per expert (E, N_i, K) stacked along N, every N_i but the last a
     multiple of 128: the forms quantize_128x128_dual gives the stack, byte for byte (no 128x128 block spans two
-    weights). The Triton path quantizes each weight straight into its slice of the joint forms, so the weights are
-    not copied (a stack of the experts' fp32 weights would be hundreds of MB per MoE layer); the reference path
-    concatenates the forms."""
+    weights); qt, st None unless `transposed`. The Triton path quantizes each weight straight into its slice of the
+    joint forms, so the weights are not copied (a stack of the experts' fp32 weights would be hundreds of MB per MoE
+    layer); the reference path concatenates the forms."""
     if _pick(backend, weights[0]) != "triton":
-        parts = [quantize_128x128_dual(w, pow2_scales=pow2_scales, backend=backend) for w in weights]
+        parts = [_quantize_weight(w, transposed, pow2_scales, backend) for w in weights]
         q, s, qt, st = zip(*parts)
         with torch.autocast(weights[0].device.type, enabled=False):  # (CPU autocast cannot cat e4m3)
+            if not transposed:
+                return torch.cat(q, -2), torch.cat(s, -2), None, None
             return torch.cat(q, -2), torch.cat(s, -2), torch.cat(qt, -1), torch.cat(st, -1)
     from moetron.kernels.fp8_quant_triton import quantize_128x128_dual_triton
 
@@ -71,13 +73,15 @@ def _stacked_weight_forms(weights: list[torch.Tensor], pow2_scales: bool, backen
     device = weights[0].device
     q = torch.empty(*lead, n, k, dtype=FP8_DTYPE, device=device)
     s = torch.empty(*lead, n_pad // _BLOCK, k // _BLOCK, dtype=torch.float32, device=device)
-    qt = torch.empty(*lead, k, n_pad, dtype=FP8_DTYPE, device=device)
-    st = torch.empty(*lead, k // _BLOCK, n_pad // _BLOCK, dtype=torch.float32, device=device)
+    qt = st = None
+    if transposed:
+        qt = torch.empty(*lead, k, n_pad, dtype=FP8_DTYPE, device=device)
+        st = torch.empty(*lead, k // _BLOCK, n_pad // _BLOCK, dtype=torch.float32, device=device)
     n0 = 0
     for w, n_i in zip(weights, rows):
         n1, blocks = n0 + n_i, slice(n0 // _BLOCK, _round_up(n0 + n_i, _BLOCK) // _BLOCK)
         cols = slice(n0, _round_up(n1, _BLOCK))  # (the last weight's zero padding columns of W^T)
-        out = (q[..., n0:n1, :], s[..., blocks, :], qt[..., cols], st[..., blocks])
+        out = (q[..., n0:n1, :], s[..., blocks, :], *((qt[..., cols], st[..., blocks]) if transposed else (None, None)))
         quantize_128x128_dual_triton(w, pow2_scales, out=out)
         n0 = n1
     return q, s, qt, st

@@ -139,6 +139,39 @@ def test_quantize_128x128_dual_bytes(pow2, shape, dtype):
 
 
 # -------------------------------------------------------------------------------------------------- GEMMs
+def assert_same_bytes_nan(got, want):
+    """assert_same_bytes for outputs that hold NaNs: NaN at the same places (codes and scales), the other bytes
+    equal (a NaN code's sign bit is not compared)."""
+    for a, b in zip(got, want):
+        fa, fb = a.float(), b.float()
+        assert torch.equal(fa.isnan(), fb.isnan()), f"NaN at {int(fa.isnan().sum())} against {int(fb.isnan().sum())}"
+        ok = ~fa.isnan()
+        if a.dtype == fp8.FP8_DTYPE:
+            assert torch.equal(a.view(torch.uint8)[ok], b.view(torch.uint8)[ok])
+        else:
+            assert torch.equal(a[ok], b[ok])
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantizers_propagate_nan(pow2):
+    """A NaN in the input reaches the output as torch's reference has it: every code of its tiles (the row tile,
+    the token tile, the weight block) NaN, their scales NaN (0 with power-of-two scales, where the codes are then
+    NaN or +-448), and every other tile's bytes unchanged. Triton's default max/min would drop the NaN (finite
+    codes and scale: a NaN activation or gradient turned into a finite one the trainer's NaN guard cannot see)."""
+    x = realistic(300, 512)
+    x[7, 200] = float("nan")
+    assert_same_bytes_nan(
+        fq.quantize_1x128_dual_triton(x, pow2), fp8.quantize_1x128_dual_reference(x, pow2_scales=pow2)
+    )
+    assert_same_bytes_nan(fq.quantize_1x128_triton(x, pow2), fp8.quantize_1x128_reference(x, pow2_scales=pow2))
+    assert_same_bytes_nan(fq.quantize_1x128_t_triton(x, pow2), fp8.quantize_1x128_t_reference(x, pow2_scales=pow2))
+    w = realistic(300, 512, torch.float32)
+    w[130, 7] = float("nan")
+    got = fq.quantize_128x128_dual_triton(w, pow2)
+    assert_same_bytes_nan(got, fp8.quantize_128x128_dual_reference(w, pow2_scales=pow2))
+    assert got[0].float().isnan().any()
+
+
 def abs_product(qa, sa, qb, sb_rows):
     """sum_k |a_k b_k| of the dequantized operands (fp32): the scale of accumulation errors."""
     a = qa.float().abs() * sa.repeat_interleave(128, 1)[:, : qa.shape[1]]

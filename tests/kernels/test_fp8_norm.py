@@ -90,6 +90,8 @@ def test_errors_name_the_problem():
         fn.rmsnorm_quantize(torch.randn(4, 256), torch.ones(128), 1e-6)
     with pytest.raises(ValueError, match="share D"):
         fp8_norm_linear(torch.randn(4, 256), torch.ones(256), 1e-6, (torch.randn(128, 128),))
+    with pytest.raises(ValueError, match="fp8 norm linear: D=200 must be a multiple of 128"):  # (before any weight
+        fp8_norm_linear(x, torch.ones(200), 1e-6, (torch.randn(128, 200),))  # is quantized)
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -112,6 +112,20 @@ def test_shared_input_cache_keeps_the_stack_while_every_weight_is_unchanged(monk
     assert all(torch.equal(a, b) for a, b in zip(changed, fp8_shared_input(x, layers)))
 
 
+def test_shared_input_without_input_gradient_makes_no_transposed_weights(monkeypatch):
+    """Under no_grad (evaluation) x needs no gradient, so no dgrad: the stacked weights are quantized into W's forms
+    only (quantize_128x128, never the dual quantizer's W^T), and the outputs are those of a step with gradients."""
+    torch.manual_seed(0)
+    layers = siblings((256, 192))
+    x = torch.randn(130, 256)
+    with_grad = fp8_shared_input(x.clone().requires_grad_(), layers)
+    calls = count_calls(monkeypatch, ["quantize_128x128", "quantize_128x128_dual"])
+    with torch.no_grad():
+        got = fp8_shared_input(x, layers)
+    assert calls == ["quantize_128x128"] * 2
+    assert all(torch.equal(a, b) for a, b in zip(got, with_grad))
+
+
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("outs", [(1536, 512), (768, 320)])  # SwiGLU gate + up; MLA q_a + kv_a (padded dgrad)

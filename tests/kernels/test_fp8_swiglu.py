@@ -166,8 +166,9 @@ def test_errors_name_the_problem():
 @pytest.mark.parametrize("m", [1, 300, 4096])
 def test_swiglu_kernels_match_the_references_gpu(m, pow2):
     """Triton against the references. h is computed in fp32 by both, with different exp implementations (a few
-    ulps apart): scales agree to 1e-6 and the codes, dequantized, are equal but for at most 0.1% that differ by
-    one e4m3 step (a value that sat on a rounding boundary); the backward to bf16 rounding."""
+    ulps apart): scales agree to 1e-6 (power-of-two scales: or, in at most 0.1% of the tiles, by exactly 2x, when the
+    scale sat within those ulps of a power of two) and the codes, dequantized, are equal but for at most 0.1% that
+    differ by one e4m3 step (a value that sat on a rounding boundary); the backward to bf16 rounding."""
     torch.manual_seed(0)
     gate_up, _ = inputs(m, 1536, 128, device="cuda")
     gate, up = (gate_up * 3).chunk(2, dim=-1)  # views: row stride 2F
@@ -175,11 +176,18 @@ def test_swiglu_kernels_match_the_references_gpu(m, pow2):
     want = swiglu_quantize_reference(gate, up, pow2_scales=pow2)
     for (q, s), (q_ref, s_ref) in ((got[:2], want[:2]), (got[2:], want[2:])):
         assert q.shape == q_ref.shape and s.shape == s_ref.shape
-        assert ((s - s_ref).abs() <= 1e-6 * s_ref).all()
-        a, b = q.float(), q_ref.float()
+        same = (s - s_ref).abs() <= 1e-6 * s_ref
+        doubled = torch.zeros_like(same)
+        if pow2:  # a scale a few ulps from a power of two may round up to either side: exactly 2x apart, rarely
+            doubled = (s == 2 * s_ref) | (s_ref == 2 * s)
+            assert doubled.float().mean() <= 1e-3
+        assert (same | doubled).all()
+        # the values the codes stand for (each code times its 1x128 tile's scale); one e4m3 step apart at most
+        a, b = q.float() * s.repeat_interleave(128, -1), q_ref.float() * s_ref.repeat_interleave(128, -1)
+        step = torch.maximum(s, s_ref).repeat_interleave(128, -1) * 2**-9  # (a subnormal step, in value)
         differ = a != b
-        assert differ.float().mean() <= 1e-3
-        assert ((a - b).abs()[differ] <= b.abs()[differ] * 2**-3 + 2**-9).all()
+        assert differ.float().mean() <= 1e-3 + doubled.float().mean()
+        assert ((a - b).abs()[differ] <= b.abs()[differ] * 2**-3 + step[differ]).all()
     dh = torch.randn_like(gate)
     for got_g, want_g in zip(fs.swiglu_backward(gate, up, dh), swiglu_backward_reference(gate, up, dh)):
         assert got_g.dtype == torch.bfloat16

@@ -354,3 +354,41 @@ def test_k_not_multiple_of_128_raises_before_launch():
         fp8.fp8_gemm(qa, torch.ones(4, 2), qa, torch.ones(4, 2))
     with pytest.raises(ValueError, match="K=200"):
         fp8.quantize_1x128(torch.randn(4, 200))
+
+
+def _nan_tiles_and_the_rest(kernel, reference, x, nan_at, blocks=False):
+    """Run `kernel` (-> q, s, qt, st) on x with a NaN at `nan_at` and with 0 there: the scales are the reference's,
+    NaN included (NaN where a tile holds the NaN; 0 with power-of-two scales); every code of a tile without the
+    NaN is the same byte as with the 0 (tiles are independent). The NaN tiles' codes are not compared here: the
+    interpreter casts a NaN to e4m3 as 384 (the GPU test checks those bytes). `blocks`: 128x128 weight blocks."""
+    clean = x.clone()
+    clean[nan_at] = 0.0
+    x = x.clone()
+    x[nan_at] = float("nan")
+    got, base, want = kernel(x), kernel(clean), reference(x)
+    for q, s, q0, s_ref in ((got[0], got[1], base[0], want[1]), (got[2], got[3], base[2], want[3])):
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=0, equal_nan=True)
+        assert s.isnan().any() or (s == 0).any()
+        # a code's tile: its scale's entry, repeated over the 128 elements the scale covers along the tiles' axis
+        bad = (s.isnan() | (s == 0)).repeat_interleave(128, 1)  # 1x128 tiles along the columns
+        if blocks:  # 128x128 blocks: (rows / 128, cols / 128)
+            bad = bad.repeat_interleave(128, 0)[: q.shape[0]]
+        assert torch.equal(q.view(torch.uint8)[~bad], q0.view(torch.uint8)[~bad])
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantizers_propagate_nan(pow2):
+    """A NaN in the input: NaN scales (0 with pow2) exactly where the reference has them, the other tiles
+    untouched. (Triton's default max/min drop NaNs: the kernels reduce and clamp with NaN-propagating ones.)"""
+    x = spread(130, 256)
+    _nan_tiles_and_the_rest(
+        lambda t: fq.quantize_1x128_dual_triton(t, pow2),
+        lambda t: fp8.quantize_1x128_dual_reference(t, pow2_scales=pow2),
+        x, (7, 200),
+    )  # fmt: skip
+    w = spread(200, 256)
+    _nan_tiles_and_the_rest(
+        lambda t: fq.quantize_128x128_dual_triton(t, pow2),
+        lambda t: fp8.quantize_128x128_dual_reference(t, pow2_scales=pow2),
+        w, (150, 3), blocks=True,
+    )  # fmt: skip
