@@ -26,7 +26,8 @@ under `--work`), and compares them when both have ended. The numerics are those 
 is its own process with its own seeds; nothing is shared), and the wall time is about that of the slower run when
 the steps are bound by the host, as the mini preset's are (the GPU was busy 146-155 ms of FP8's 391-414 ms steps,
 bench/results/fp8_step.json). Both models must fit in the GPU's memory together (deepseek_v3_mini at the defaults
-peaks at ~42 GiB a run: an H200, not an H100), and tokens/s are then those of two runs sharing a GPU
+peaked at 30.2 GiB a run in bench/results/fp8_convergence_warmup100.json: two fit on an H100), and tokens/s are then
+those of two runs sharing a GPU
 (`"concurrent": true` in the JSON; no throughput ratio is reported).
 
 No checkpoints (`trainer.save_final=false`: a 2.5B-parameter checkpoint with its optimizer is ~40 GB),

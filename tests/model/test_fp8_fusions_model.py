@@ -1,4 +1,4 @@
-"""The model's FP8 producer fusions (off by default until their GPU tests have run): the SwiGLU fused into the
+"""The model's FP8 producer fusions (on by default; their GPU tests are in tests/kernels): the SwiGLU fused into the
 down projections (`fp8.fuse_swiglu`; dense FFN, shared and routed experts) and RMSNorm fused into the projections it feeds (`fp8.fuse_norm`; the
 attention's and dense FFN's pre-norms, MLA's latent norms). Each against the model without it on the same weights
 (loss and gradients), the work it replaces, and where it stays off. On CPU the kernels run as their torch
@@ -14,6 +14,8 @@ from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8Config
 from tests.model.test_fp8_model import ARCHS, BASE, loss_and_grads, rel_err
 
+UNFUSED = FP8Config(enabled=True, fuse_swiglu=False, fuse_norm=False)
+
 
 def count(monkeypatch, module, name, calls):
     fn = getattr(module, name)
@@ -27,7 +29,7 @@ def fp32_fused_unfused(monkeypatch, cfg, fused_fp8: FP8Config, counted) -> list[
     torch.manual_seed(0)
     ref = Transformer(ModelConfig(**cfg))
     fused = Transformer(ModelConfig(**cfg, fp8=fused_fp8))
-    unfused = Transformer(ModelConfig(**cfg, fp8=FP8Config(enabled=True)))
+    unfused = Transformer(ModelConfig(**cfg, fp8=UNFUSED))
     fused.load_state_dict(ref.state_dict())
     unfused.load_state_dict(ref.state_dict())
     ids = torch.randint(0, BASE["vocab_size"], (2, 65))
@@ -51,7 +53,7 @@ def test_fused_swiglu_model_is_as_accurate_as_the_unfused_one(monkeypatch, arch)
     unfused FP8 model's (measured over 3 seeds: all gradients flattened, 0.050-0.067 relative for both, at most
     1.03x apart; the loss within 3e-4)."""
     counted = [(fs, "swiglu_quantize"), (fl, "quantize_1x128_dual"), (fl, "quantize_1x128")]
-    fp8 = FP8Config(enabled=True, fuse_swiglu=True)
+    fp8 = FP8Config(enabled=True, fuse_swiglu=True, fuse_norm=False)
     runs = fp32_fused_unfused(monkeypatch, dict(BASE, **ARCHS[arch]), fp8, counted)
     (loss_ref, grads_ref, _), (loss, grads, calls), (loss_unfused, grads_unfused, calls_unfused) = runs
     blocks = BASE["n_layers"] + BASE["mtp_depth"]
@@ -69,8 +71,8 @@ def test_swiglu_fusion_stays_off_where_it_cannot_apply():
     from moetron.model.layers import SwiGLU, fuses_swiglu
 
     assert not SwiGLU(128, 256).fuse_swiglu
-    assert not SwiGLU(128, 256, FP8Config(enabled=True)).fuse_swiglu  # (off by default for now)
-    ffn = SwiGLU(128, 256, FP8Config(enabled=True, fuse_swiglu=True))
+    assert not SwiGLU(128, 256, FP8Config(enabled=True, fuse_swiglu=False)).fuse_swiglu
+    ffn = SwiGLU(128, 256, FP8Config(enabled=True))  # (on by default)
     assert ffn.fuse_swiglu and fuses_swiglu(ffn.down_proj)
     seen = []
     ffn.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
@@ -92,7 +94,7 @@ def test_fused_norm_model_matches_the_unfused_one(monkeypatch, arch):
     gqa = {"attention_bias": False, "n_kv_heads": 2}  # (q, k, v: 128 wide each, no bias: FP8 siblings)
     cfg = {**BASE, **ARCHS[arch], **(gqa if arch == "gqa" else {})}
     counted = [(fn, "rmsnorm_quantize"), (fl, "quantize_1x128_dual")]
-    runs = fp32_fused_unfused(monkeypatch, cfg, FP8Config(enabled=True, fuse_norm=True), counted)
+    runs = fp32_fused_unfused(monkeypatch, cfg, FP8Config(enabled=True, fuse_swiglu=False, fuse_norm=True), counted)
     (_, grads_ref, _), (loss, grads, calls), (loss_unfused, grads_unfused, calls_unfused) = runs
     blocks = BASE["n_layers"] + BASE["mtp_depth"]
     norms = blocks + BASE["first_k_dense_replace"] + (2 * blocks if arch == "mla" else 0)
@@ -108,8 +110,9 @@ def test_norm_fusion_stays_off_where_it_cannot_apply():
     from moetron.model.layers import RMSNorm, SwiGLU, fuses_norm, project_together
 
     x = torch.randn(3, 128)
-    for fp8 in (None, FP8Config(enabled=True)):
+    for fp8 in (None, FP8Config(enabled=True, fuse_norm=False)):
         assert not SwiGLU(128, 256, fp8).fuse_norm
+    assert SwiGLU(128, 256, FP8Config(enabled=True)).fuse_norm  # (on by default)
     norm = RMSNorm(128)
     seen = []
     norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
