@@ -3,6 +3,7 @@ from this output, so every number there traces back to a recorded run).
 
     python bench/tables.py attention    # bench/results/attention.json
     python bench/tables.py fp8          # bench/results/fp8.json
+    python bench/tables.py fp8_fusions  # bench/results/fp8_fusions.json
 """
 
 from __future__ import annotations
@@ -103,12 +104,41 @@ def fp8(data: dict) -> str:
     return "\n\n".join(out)
 
 
+_FUSION_VARIANTS = {
+    "fp8": "FP8, all three fusions (the default)",
+    "fp8 norm apart": "FP8, norm unfused",
+    "fp8 swiglu apart": "FP8, SwiGLU unfused",
+    "fp8 one by one": "FP8, none of the three (siblings one by one too)",
+    "bf16": "BF16",
+}
+
+
+def fp8_fusions(data: dict) -> str:
+    """The model section (ms and tokens/s per variant) and the layer section (the fused pairs against unfused FP8
+    and BF16)."""
+    model = data["model"]
+    rows = [
+        [label, _fmt(model["median_ms"][key], 1), f"{model['tokens_per_s'][key] / 1000:.1f}k"]
+        for key, label in _FUSION_VARIANTS.items()
+        if key in model["median_ms"]
+    ]
+    out = [_table(["variant", "ms per fwd+bwd", "tokens/s"], rows)]
+    rows = []
+    for r in data.get("layer", []):
+        ms = r["ms"]
+        cells = [f"{ms[k]:.2f} ms" for k in ("fp8 fused", "fp8 unfused", "bf16")]
+        rows.append([f"{r['what']} ({r['shape']})", *cells, f"{ms['bf16'] / ms['fp8 fused']:.2f}x"])
+    if rows:
+        out.append(_table(["pair (tokens x in -> out)", "FP8 fused", "FP8 unfused", "BF16", "fused vs BF16"], rows))
+    return "\n\n".join(out)
+
+
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "attention"
     data = json.loads((RESULTS / f"{name}.json").read_text())
     print(f"<!-- {name}: bench/results/{name}.json, {data['device']}, sha {data['git_sha'][:7]}, "
-          f"torch {data['torch']}, triton {data['triton']} -->")  # fmt: skip
-    print({"attention": attention, "fp8": fp8}[name](data))
+          f"torch {data['torch']}, triton {data.get('triton', '-')} -->")  # fmt: skip
+    print({"attention": attention, "fp8": fp8, "fp8_fusions": fp8_fusions}[name](data))
 
 
 if __name__ == "__main__":
