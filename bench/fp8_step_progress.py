@@ -20,7 +20,7 @@ the losses with and without `--at` are equal.) A CPU proxy study (docs/fp8_perfo
 progress lost per step; a 5% final-loss gap after 300 steps needs far more, or the runs' divergence.
 
 Memory: the FP8 model's weights and gradients and G (in bf16) come on top of the run: ~25 GB more for
-deepseek_v3_mini (2.5B parameters in fp32).
+deepseek_v3_mini (2.5B parameters in fp32; the run itself peaked at 30.2 GiB in bench/fp8_convergence.py).
 
     python bench/fp8_step_progress.py --out bench/results/fp8_step_progress.json --at 100 200 300 --git-sha SHA
 """
@@ -55,14 +55,14 @@ class Attribution:
         fp8.load_state_dict(trainer.plain.state_dict())
         params = dict(trainer.plain.named_parameters())
         fp8_params = dict(fp8.named_parameters())
-        precond = self._preconditioner(trainer, params)
+        precond = self._preconditioner(trainer)
         draw = [trainer.data.next_train_batch(trainer.device) for _ in range(self.full_batches + self.batches)]
         full = {}  # name -> G in bf16
         trainer.plain.zero_grad(set_to_none=True)
         for batch in draw[: self.full_batches]:
             self._backward(trainer, trainer.plain, batch, 1.0 / self.full_batches)
         for name, p in params.items():
-            full[name] = p.grad.to(torch.bfloat16)
+            full[name] = torch.zeros_like(p, dtype=torch.bfloat16) if p.grad is None else p.grad.to(torch.bfloat16)
         sums = dict(progress_num=0.0, progress_den=0.0, noise_num=0.0, noise_den=0.0, rel_num=0.0, rel_den=0.0)
         losses = {"bf16": [], "fp8": []}
         for batch in draw[self.full_batches :]:
@@ -71,7 +71,9 @@ class Attribution:
             losses["bf16"].append(self._backward(trainer, trainer.plain, batch, 1.0))
             losses["fp8"].append(self._backward(trainer, fp8, batch, 1.0))
             for name, p in params.items():
-                g, f, big_g, pre = p.grad.float(), fp8_params[name].grad.float(), full[name].float(), precond[name]
+                if p.grad is None or fp8_params[name].grad is None or "exp_avg_sq" not in trainer.optimizer.state[p]:
+                    continue  # (a parameter without a gradient here, or never updated yet)
+                g, f, big_g, pre = p.grad.float(), fp8_params[name].grad.float(), full[name].float(), precond(p)
                 d = f - g
                 sums["progress_num"] += (big_g * pre * d).sum().item()
                 sums["progress_den"] += (big_g * pre * g).sum().item()
@@ -116,18 +118,18 @@ class Attribution:
         return self.fp8_model
 
     @staticmethod
-    def _preconditioner(trainer, params: dict) -> dict:
-        """name -> 1 / (sqrt(v_hat) + eps) from AdamW's state (bias-corrected second moment)."""
-        out = {}
-        for group in trainer.optimizer.param_groups:
-            beta2, eps = group["betas"][1], group["eps"]
-            by_id = {id(p): p for p in group["params"]}
-            for name, p in params.items():
-                if id(p) in by_id and p in trainer.optimizer.state:
-                    state = trainer.optimizer.state[p]
-                    v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** float(state["step"]))
-                    out[name] = 1.0 / (v_hat.sqrt() + eps)
-        return out
+    def _preconditioner(trainer):
+        """p -> 1 / (sqrt(v_hat) + eps) from AdamW's state for p (bias-corrected second moment), made when asked (a
+        stored copy for every parameter would cost as much memory as the weights)."""
+        hyper = {id(p): (g["betas"][1], g["eps"]) for g in trainer.optimizer.param_groups for p in g["params"]}
+
+        def precond(p):
+            beta2, eps = hyper[id(p)]
+            state = trainer.optimizer.state[p]
+            v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** float(state["step"]))
+            return 1.0 / (v_hat.sqrt() + eps)
+
+        return precond
 
     @staticmethod
     def _backward(trainer, model, batch, weight: float) -> float:
