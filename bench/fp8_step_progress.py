@@ -71,7 +71,11 @@ class Attribution:
             losses["bf16"].append(self._backward(trainer, trainer.plain, batch, 1.0))
             losses["fp8"].append(self._backward(trainer, fp8, batch, 1.0))
             for name, p in params.items():
-                if p.grad is None or fp8_params[name].grad is None or "exp_avg_sq" not in trainer.optimizer.state.get(p, {}):
+                if (
+                    p.grad is None
+                    or fp8_params[name].grad is None
+                    or "exp_avg_sq" not in trainer.optimizer.state.get(p, {})
+                ):
                     continue  # (a parameter without a gradient here, or never updated yet)
                 g, f, big_g, pre = p.grad.float(), fp8_params[name].grad.float(), full[name].float(), precond(p)
                 d = f - g
