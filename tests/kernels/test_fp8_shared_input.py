@@ -154,14 +154,28 @@ def test_shared_input_equals_the_layers_one_by_one_gpu(outs):
 
 
 # ------------------------------------------------------------------------- experts' gate and up (grouped)
+def grouped_siblings_run(x, gate, up, group_ends, dy, together, pow2_scales=False, autocast=False):
+    """(y, dX, dgate, dup) of gate and up applied to x as sibling weights of one fp8_grouped_linear call
+    (`together`) or one call per weight (outputs concatenated), backward from dy; under bf16 autocast on x's device
+    if `autocast`. (Also used by tests/kernels/interpreted/test_fp8_layers.py.)"""
+    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
+
+    xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if together:
+            y = fp8_grouped_linear(xs, g, group_ends, pow2_scales, None, None, u)
+        else:
+            y = torch.cat([fp8_grouped_linear(xs, w, group_ends, pow2_scales) for w in (g, u)], dim=-1)
+    y.backward(dy)
+    return y.detach(), xs.grad, g.grad, u.grad
+
+
 @pytest.mark.parametrize("pow2_scales", [False, True])
 def test_grouped_siblings_equal_the_weights_one_by_one(monkeypatch, pow2_scales):
     """The experts' gate and up as one grouped FP8 GEMM over their joint forms (fp8_grouped_linear's siblings): the
     outputs and both weight gradients of the two calls alone (the same FP8 bytes: F % 128 == 0), dX the same sum
     up to rounding; x and dY quantized once, one grouped GEMM for y and one for dX, one wgrad GEMM per weight,
     each weight quantized once into its slice of the joint forms."""
-    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
-
     torch.manual_seed(0)
     e, f, k = 3, 128, 256
     gate, up = (torch.randn(e, f, k) * k**-0.5 for _ in range(2))
@@ -172,14 +186,7 @@ def test_grouped_siblings_equal_the_weights_one_by_one(monkeypatch, pow2_scales)
     dy[384:] = 0
 
     def run(together):
-        xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if together:
-                y = fp8_grouped_linear(xs, g, group_ends, pow2_scales, None, None, u)
-            else:
-                y = torch.cat([fp8_grouped_linear(xs, w, group_ends, pow2_scales) for w in (g, u)], dim=-1)
-        y.backward(dy)
-        return y.detach(), xs.grad, g.grad, u.grad
+        return grouped_siblings_run(x, gate, up, group_ends, dy, together, pow2_scales, autocast=True)
 
     calls = count_calls(
         monkeypatch, ["quantize_1x128_dual", "quantize_128x128_dual", "fp8_grouped_gemm", "fp8_grouped_gemm_wgrad"]
@@ -211,8 +218,6 @@ def test_grouped_siblings_check_their_shapes():
 def test_grouped_siblings_equal_the_weights_one_by_one_gpu():
     """On the GPU kernels (Gluon grouped GEMM and wgrad, each wgrad reading its row block of dY^T with its own
     token-block-major scales), at the mini preset's expert sizes: 8 experts, 512 wide gate and up, 1536 in."""
-    from moetron.kernels.fp8_grouped_linear import fp8_grouped_linear
-
     torch.manual_seed(0)
     e, f, k = 8, 512, 1536
     gate, up = (torch.randn(e, f, k, device="cuda") * k**-0.5 for _ in range(2))
@@ -220,17 +225,8 @@ def test_grouped_siblings_equal_the_weights_one_by_one_gpu():
     group_ends[2] = group_ends[1]  # an empty group
     x = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(8192, 2 * f, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for together in (True, False):
-        xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if together:
-                y = fp8_grouped_linear(xs, g, group_ends, False, None, None, u)
-            else:
-                y = torch.cat([fp8_grouped_linear(xs, w, group_ends) for w in (g, u)], dim=-1)
-        y.backward(dy)
-        results.append((y.detach(), xs.grad, g.grad, u.grad))
-    (y, dx, d_gate, d_up), (y_ref, dx_ref, d_gate_ref, d_up_ref) = results
+    y, dx, d_gate, d_up = grouped_siblings_run(x, gate, up, group_ends, dy, True, autocast=True)
+    y_ref, dx_ref, d_gate_ref, d_up_ref = grouped_siblings_run(x, gate, up, group_ends, dy, False, autocast=True)
     assert rel_err(y, y_ref) < 1e-6
     assert rel_err(d_gate, d_gate_ref) < 1e-5 and rel_err(d_up, d_up_ref) < 1e-5
     assert rel_err(dx, dx_ref) < 2 * BF16_U

@@ -14,6 +14,7 @@ from moetron.kernels.fp8_swiglu import fp8_swiglu_linear
 from moetron.model import ModelConfig, Transformer
 from moetron.model.config import FP8Config
 from moetron.model.layers import RMSNorm
+from tests.kernels.test_fp8_shared_input import grouped_siblings_run
 
 
 def rel_err(a, b):
@@ -73,16 +74,8 @@ def test_grouped_siblings_against_two_calls():
     gate, up = torch.randn(3, 128, 128) / 11, torch.randn(3, 128, 128) / 11
     group_ends = torch.tensor([128, 128, 384])
     dy = torch.randn(384, 256).to(torch.bfloat16)
-    results = []
-    for together in (True, False):
-        xs, g, u = x.clone().requires_grad_(), gate.clone().requires_grad_(), up.clone().requires_grad_()
-        if together:
-            y = fp8_grouped_linear(xs, g, group_ends, False, None, None, u)
-        else:
-            y = torch.cat([fp8_grouped_linear(xs, w, group_ends) for w in (g, u)], dim=-1)
-        y.backward(dy)
-        results.append((y.detach(), xs.grad, g.grad, u.grad))
-    (y, dx, dg, du), (y_ref, dx_ref, dg_ref, du_ref) = results
+    y, dx, dg, du = grouped_siblings_run(x, gate, up, group_ends, dy, True)
+    y_ref, dx_ref, dg_ref, du_ref = grouped_siblings_run(x, gate, up, group_ends, dy, False)
     assert torch.equal(y, y_ref) and rel_err(dg, dg_ref) < 1e-5 and rel_err(du, du_ref) < 1e-5
     assert rel_err(dx, dx_ref) < 2**-7
     assert dg[1].abs().max() == 0  # the empty group's expert
