@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class Attribution:
     """Step callback: at the steps in `at`, the FP8 model's gradient against BF16's (module docstring)."""
@@ -63,7 +61,8 @@ class Attribution:
             self._backward(trainer, trainer.plain, batch, 1.0 / self.full_batches)
         for name, p in params.items():
             full[name] = torch.zeros_like(p, dtype=torch.bfloat16) if p.grad is None else p.grad.to(torch.bfloat16)
-        sums = dict(progress_num=0.0, progress_den=0.0, noise_num=0.0, noise_den=0.0, rel_num=0.0, rel_den=0.0)
+        # the six sums (module docstring), kept on the device: one host sync per measurement, not six per parameter
+        sums = torch.zeros(6, dtype=torch.float64, device=trainer.device)
         losses = {"bf16": [], "fp8": []}
         for batch in draw[self.full_batches :]:
             trainer.plain.zero_grad(set_to_none=True)
@@ -79,23 +78,22 @@ class Attribution:
                     continue  # (a parameter without a gradient here, or never updated yet)
                 g, f, big_g, pre = p.grad.float(), fp8_params[name].grad.float(), full[name].float(), precond(p)
                 d = f - g
-                sums["progress_num"] += (big_g * pre * d).sum().item()
-                sums["progress_den"] += (big_g * pre * g).sum().item()
-                sums["noise_num"] += (pre * d).square().sum().item()
-                sums["noise_den"] += (pre * (g - big_g)).square().sum().item()
-                sums["rel_num"] += d.square().sum().item()
-                sums["rel_den"] += g.square().sum().item()
+                pd, f64 = pre * d, torch.float64  # (each sum made and its temporary freed in turn: large parameters)
+                sums += torch.stack([
+                    (big_g * pd).sum(dtype=f64), (big_g * pre * g).sum(dtype=f64), pd.square().sum(dtype=f64),
+                    (pre * (g - big_g)).square().sum(dtype=f64), d.square().sum(dtype=f64), g.square().sum(dtype=f64),
+                ])  # fmt: skip
         # leave the run as a step leaves it: the stream rewound, no gradients, no extra router loads
         trainer.data.load_state_dict(data_state)
         trainer.optimizer.zero_grad(set_to_none=True)
         fp8.zero_grad(set_to_none=True)
         trainer.plain.reset_router_stats()
-        del full
+        progress_num, progress_den, noise_num, noise_den, rel_num, rel_den = sums.tolist()
         record = {
             "step": step,
-            "progress": sums["progress_num"] / sums["progress_den"],
-            "noise": sums["noise_num"] / sums["noise_den"] if sums["noise_den"] else None,
-            "rel": (sums["rel_num"] / sums["rel_den"]) ** 0.5,
+            "progress": progress_num / progress_den,
+            "noise": noise_num / noise_den if noise_den else None,
+            "rel": (rel_num / rel_den) ** 0.5,
             "loss_bf16": sum(losses["bf16"]) / len(losses["bf16"]),
             "loss_fp8": sum(losses["fp8"]) / len(losses["fp8"]),
             "seconds": round(time.perf_counter() - t0, 1),
