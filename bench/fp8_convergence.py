@@ -93,6 +93,7 @@ def common_overrides(args) -> list[str]:
         "trainer.eval_every=0",  # (the Recorder evaluates, every --eval-every steps and after the last)
         f"trainer.eval_batches={args.eval_batches}",
         f"data.val_fraction={args.val_fraction}",
+        *(["data.source=bin", f"data.path={args.data_path}"] if args.data_path else []),
         "trainer.checkpoint_every=0",
         "trainer.save_final=false",
         "trainer.resume=none",
@@ -166,6 +167,16 @@ def run_children(names: list[str], out_path: str, work: Path, report: Report) ->
     return runs
 
 
+def data_summary(path: str, train_tokens: int) -> dict:
+    """--data-path's prepared directory: its token counts and sources, and how many times the runs read it."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    n_train = meta["n_tokens"]["train"]
+    return {
+        "path": path, "sources": meta["sources"], "tokenizer": meta["tokenizer"], "n_tokens": meta["n_tokens"],
+        "epochs_read": round(train_tokens / n_train, 3) if n_train else None,
+    }  # fmt: skip
+
+
 def git_sha() -> str:
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -202,6 +213,11 @@ def main() -> None:
         help="share of the built-in corpus's documents held out (data.val_fraction; its 0.05 default held 3 windows "
         "of 2049 tokens on the GPU machine, fewer than one 4-sequence evaluation batch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--data-path", default=None,
+        help="train on this prepared directory (data.source=bin) instead of the built-in corpus, e.g. the standard "
+        "library's source from bench/code_corpus.py, which 300 steps read less than once",
+    )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None, help="stop early to finish within this wall time")
     parser.add_argument(
         "--only", choices=["bf16", "fp8", "bf16_b"], default=None,
@@ -233,6 +249,8 @@ def main() -> None:
         "fp8_override": "model.fp8.enabled=true", "complete": False, "runs": {},
     }  # fmt: skip
 
+    if args.data_path:
+        out["data"] = data_summary(args.data_path, args.steps * args.seq_len * args.micro_batch)
     report = Report(args.out, out)
     second = "fp8" if args.second == "fp8" else "bf16_b"
     if second != "fp8":
