@@ -62,3 +62,45 @@ def test_concurrent_runs_train_as_the_sequential_ones(tmp_path):
     assert concurrent["comparison"]["rel_diff"] == sequential["comparison"]["rel_diff"]
     assert "fp8_over_bf16_tokens_per_sec" in sequential["comparison"]
     assert "fp8_over_bf16_tokens_per_sec" not in concurrent["comparison"]
+
+
+@pytest.mark.slow
+def test_data_path_trains_on_the_standard_librarys_source(tmp_path):
+    """bench/code_corpus.py prepares the standard library's .py files as shards (here cut at ~200k characters);
+    --data-path trains both runs on them (data.source=bin) and records how much of the split the runs read."""
+    data = tmp_path / "code"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "code_corpus.py"), "--out", str(data), "--max-chars", "200000"],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["n_tokens"]["train"] > 10_000 and meta["tokenizer"] == "builtin-8192"
+    result = run_bench(tmp_path / "run", "--data-path", str(data))
+    assert result["complete"]
+    for run in result["runs"].values():
+        assert {"data.source=bin", f"data.path={data}"} <= set(run["overrides"])
+    assert result["data"]["n_tokens"] == meta["n_tokens"]
+    assert result["data"]["epochs_read"] == round(2 * 64 * 2 / meta["n_tokens"]["train"], 3)
+    # the held-out loss is measured on the prepared directory's val split
+    assert result["runs"]["bf16"]["eval"]["step"] == [1, 2]
+
+
+def test_code_corpus_reads_sorted_utf8_files_and_skips_the_rest(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from code_corpus import read_sources, stdlib_source_files
+    finally:
+        sys.path.pop(0)
+    lib = tmp_path / "lib"
+    for rel, body in {"b.py": b"x = 2\n", "a.py": b"y = 1\n", "pkg/c.py": b"z = 3\n", "bad.py": b"\xff\xfe",
+                      "empty.py": b"  \n", "site-packages/d.py": b"w = 4\n", "notes.txt": b"no\n"}.items():  # fmt: skip
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_bytes(body)
+    files = stdlib_source_files(lib)
+    assert [p.relative_to(lib).as_posix() for p in files] == ["a.py", "b.py", "bad.py", "empty.py", "pkg/c.py"]
+    skipped = []
+    assert list(read_sources(files, skipped=skipped)) == ["y = 1\n", "x = 2\n", "z = 3\n"]
+    assert [p.name for p in skipped] == ["bad.py", "empty.py"]
+    assert list(read_sources(files, max_chars=7)) == ["y = 1\n", "x = 2\n"]  # stops once 7 characters were read
+    with pytest.raises(FileNotFoundError, match="no .py files"):
+        stdlib_source_files(tmp_path / "empty_dir_that_is_missing")
