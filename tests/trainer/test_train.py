@@ -21,11 +21,6 @@ CONFIGS = str(ROOT / "configs")
 WORKER = str(ROOT / "tests" / "trainer" / "train_worker.py")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizer-cache"))
-
-
 def fast(cache_dir, run_dir, *extra):
     """Overrides for a small, quick CPU run."""
     return [
