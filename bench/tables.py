@@ -4,6 +4,7 @@ from this output, so every number there traces back to a recorded run).
     python bench/tables.py attention    # bench/results/attention.json
     python bench/tables.py fp8          # bench/results/fp8.json
     python bench/tables.py fp8_fusions  # bench/results/fp8_fusions.json
+    python bench/tables.py fp8_convergence  # every bench/results/fp8_convergence*.json, a row each
 """
 
 from __future__ import annotations
@@ -133,8 +134,46 @@ def fp8_fusions(data: dict) -> str:
     return "\n\n".join(out)
 
 
+def _override(overrides: list[str], key: str, default="-"):
+    for item in reversed(overrides):
+        if item.startswith(key + "="):
+            return item.split("=", 1)[1]
+    return default
+
+
+def fp8_convergence(paths: list[Path]) -> str:
+    """A row per convergence comparison (FP8 against BF16, or the BF16 noise floor: BF16 against BF16 with other
+    kernels): its setting, the final losses (mean of the last 10 steps both runs completed) and the relative
+    differences of the final training loss and of the last held-out loss."""
+    rows = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        c = data.get("comparison")
+        if not c or not c.get("steps_compared"):
+            continue
+        common = data["common_overrides"]
+        second = data.get("second_run", {}).get("name", "fp8")
+        what = "FP8" if second == "fp8" else "floor: BF16 + " + " ".join(data["second_run"]["overrides"])
+        what = " ".join([what, *(o for o in common if o.startswith("model.fp8."))])
+        corpus = "stdlib source" if _override(common, "data.source", "builtin") == "bin" else "built-in docs"
+        rows.append([
+            path.name, what, corpus, _override(common, "optim.warmup_steps"), _override(common, "trainer.seed"),
+            c["steps_compared"], f"{c['final_loss_bf16']:.4f}", f"{c[f'final_loss_{second}']:.4f}",
+            f"{100 * c['rel_diff']:+.2f}%",
+            "-" if c.get("eval_rel_diff") is None else f"{100 * c['eval_rel_diff']:+.2f}%",
+            data["device"].replace("NVIDIA ", ""), data["git_sha"][:7],
+        ])  # fmt: skip
+    header = ["file", "compared", "data", "warm-up", "seed", "steps", "BF16 final", "other final", "final diff",
+              "held-out diff", "device", "sha"]  # fmt: skip
+    return _table(header, rows)
+
+
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "attention"
+    if name == "fp8_convergence":
+        print("<!-- fp8_convergence: bench/results/fp8_convergence*.json -->")
+        print(fp8_convergence(sorted(RESULTS.glob("fp8_convergence*.json"))))
+        return
     data = json.loads((RESULTS / f"{name}.json").read_text())
     print(f"<!-- {name}: bench/results/{name}.json, {data['device']}, sha {data['git_sha'][:7]}, "
           f"torch {data['torch']}, triton {data.get('triton', '-')} -->")  # fmt: skip
