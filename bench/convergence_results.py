@@ -1,11 +1,20 @@
 """bench/fp8_convergence.py's records: the per-step Recorder (a trainer callback), the output JSON (Report), the
 comparison of two runs (final losses, held-out loss, step 1, throughput) against the 1% target, and the summary
-printed at the end."""
+printed at the end.
+
+Runs of one comparison recorded in separate files (`--only NAME` runs, or a pair whose second run failed and was
+re-run alone) are compared by `merge`: their settings must be the same (common_overrides), and the merged JSON names
+each run's file, command and sha.
+
+    python bench/convergence_results.py merge --out bench/results/X.json A.json B.json
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +38,11 @@ class Recorder:
         self.first_step_at_s: float | None = None
         self.prev: float | None = None
         self.skipped_steps = 0
+        # The largest max_memory_allocated read after any step (the trainer's metrics reset that peak every log
+        # interval, so one reading holds only the last interval's), and the largest memory_reserved: the caching
+        # allocator's footprint, which another process on the GPU cannot use.
         self.peak_mem_gb: float | None = None
+        self.peak_reserved_gb: float | None = None
         self.stopped_early = False
 
     def __call__(self, trainer, step: int, result) -> None:
@@ -50,7 +63,10 @@ class Recorder:
             self.curve[key].append(step if key == "step" else _finite(value))
         self.skipped_steps += int(result.skipped)
         if torch.cuda.is_available() and trainer.device.type == "cuda":
-            self.peak_mem_gb = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+            allocated = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+            reserved = torch.cuda.memory_reserved(trainer.device) / 2**30
+            self.peak_mem_gb = max(self.peak_mem_gb or 0.0, allocated)
+            self.peak_reserved_gb = max(self.peak_reserved_gb or 0.0, reserved)
         if step % 25 == 0 or step == self.steps or step == 1:
             done = now - self.start
             rate = _median(self.curve["step_s"][1:])
@@ -87,6 +103,7 @@ class Recorder:
             "step_s_median": _median(step_s),
             "tokens_per_sec_median": _median(tps),
             "peak_mem_gb": None if self.peak_mem_gb is None else round(self.peak_mem_gb, 2),
+            "peak_reserved_gb": None if self.peak_reserved_gb is None else round(self.peak_reserved_gb, 2),
             # a loss spike after the first steps' transient (seen in BF16 at seed 1 and in the held-out run)
             "max_grad_norm_after_step_10": _max(self.curve["grad_norm"][SPIKE_FROM:]),
             "curve": self.curve,
@@ -214,3 +231,51 @@ def print_summary(out: dict, second: str) -> None:
             )
         if "step1_rel_diff" in comparison:
             print(f"step-1 loss relative difference {comparison['step1_rel_diff']:+.4%} (same weights and batch)")
+
+
+def merge(paths: list[str], out_path: str | None = None) -> dict:
+    """One comparison from the completed runs of several result files of the same settings (the first file's
+    fields, `merged_from` with each file's command, sha and device, the runs, and their comparison). The runs are
+    treated as concurrent (no throughput ratio): they ran in different processes, possibly beside others."""
+    docs = [json.loads(Path(path).read_text()) for path in paths]
+    base = docs[0]
+    runs, sources = {}, []
+    for path, doc in zip(paths, docs):
+        if doc["common_overrides"] != base["common_overrides"]:
+            diff = sorted(set(doc["common_overrides"]) ^ set(base["common_overrides"]))
+            raise ValueError(f"{path}: other settings than {paths[0]} ({diff}); only runs of one setting compare")
+        sources.append({key: doc.get(key) for key in ("command", "git_sha", "device", "torch", "triton", "date")})
+        sources[-1]["file"] = Path(path).name
+        for name, run in doc["runs"].items():
+            if run.get("error") or run.get("stopped_early") or not run.get("steps_done"):
+                continue  # (a failed or cut run of a file stands in for none)
+            if name in runs:
+                raise ValueError(f"{path}: run {name!r} is complete in two of the files; give one of them")
+            runs[name] = {**run, "from_file": Path(path).name}
+            if name == "bf16_b":
+                base = {**base, "second_run": doc.get("second_run"), "fp8_override": None}
+    second = "fp8" if "fp8" in runs else "bf16_b"
+    if set(runs) != {"bf16", second}:
+        raise ValueError(f"the files hold the complete runs {sorted(runs)}; a comparison needs bf16 and one of fp8, "
+                         "bf16_b")  # fmt: skip
+    out = {key: value for key, value in base.items() if key not in ("runs", "comparison", "command", "concurrent")}
+    out.update(merged_from=sources, runs=runs, complete=True, concurrent=True)
+    out["git_sha"] = ",".join(sorted({source["git_sha"] for source in sources if source["git_sha"]}))
+    out["comparison"] = compare(runs["bf16"], runs[second], second, concurrent=True)
+    if out_path:
+        Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["merge"])
+    parser.add_argument("files", nargs="+", help="result files of bench/fp8_convergence.py")
+    parser.add_argument("--out", required=True, help="the merged comparison's JSON")
+    args = parser.parse_args()
+    out = merge(args.files, args.out)
+    print_summary(out, "fp8" if "fp8" in out["runs"] else "bf16_b")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,10 +25,14 @@ budget, the FP8 run by all of it); the comparison then uses the steps both compl
 under `--work`), and compares them when both have ended. The numerics are those of the sequential runs (each run
 is its own process with its own seeds; nothing is shared), and the wall time is about that of the slower run when
 the steps are bound by the host, as the mini preset's are (the GPU was busy 146-155 ms of FP8's 391-414 ms steps,
-bench/results/fp8_step.json). Both models must fit in the GPU's memory together (deepseek_v3_mini at the defaults
-peaked at 30.2 GiB a run in bench/results/fp8_convergence_warmup100.json: two fit on an H100), and tokens/s are then
-those of two runs sharing a GPU
-(`"concurrent": true` in the JSON; no throughput ratio is reported).
+bench/results/fp8_step.json). Both runs must fit in the GPU's memory together, and for deepseek_v3_mini they do
+not on an H100 (80 GB): the BF16 process held 44-45 GiB (the caching allocator's reserve, the CUDA context, kernel
+workspaces) and the FP8 process ran out of memory at its first optimizer step with 34 GiB allocated, with and without
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (bench/results/fp8_convergence_code_seed1.json). Use an H200, or
+run the two with `--only` one after the other and compare them with `bench/convergence_results.py merge`. (The
+30.2 GiB "peak" of earlier JSONs was the last log interval's: the trainer resets the allocator's peak every interval.
+The Recorder now keeps the largest reading and the largest reserved memory, `peak_reserved_gb`.) Tokens/s of
+concurrent runs are those of two runs sharing a GPU (`"concurrent": true` in the JSON; no throughput ratio).
 
 No checkpoints (`trainer.save_final=false`: a 2.5B-parameter checkpoint with its optimizer is ~40 GB),
 no evaluation, no wandb.
@@ -51,6 +55,13 @@ moves this comparison (the JSON names the second run "bf16_b").
 
     python bench/fp8_convergence.py --out bench/results/fp8_convergence_floor.json --second bf16 \
         --second-override kernels.backend=sdpa
+
+`--data-path DIR` trains both runs on a prepared directory instead of the built-in corpus; the standard library's
+source (`python bench/code_corpus.py --out DIR`: ~3-9M training tokens, by Python version) is read less than once by
+300 steps, so the comparison is not one of memorizing a small corpus (see bench/code_corpus.py):
+
+    python bench/code_corpus.py --out /tmp/code
+    python bench/fp8_convergence.py --warmup-steps 100 --data-path /tmp/code --out bench/results/fp8_convergence_code.json
 """
 
 from __future__ import annotations

@@ -104,3 +104,32 @@ def test_code_corpus_reads_sorted_utf8_files_and_skips_the_rest(tmp_path):
     assert list(read_sources(files, max_chars=7)) == ["y = 1\n", "x = 2\n"]  # stops once 7 characters were read
     with pytest.raises(FileNotFoundError, match="no .py files"):
         stdlib_source_files(tmp_path / "empty_dir_that_is_missing")
+
+
+@pytest.mark.slow
+def test_merge_compares_runs_recorded_apart(tmp_path):
+    """`convergence_results.py merge`: the BF16 and FP8 runs trained one at a time (--only) and merged compare as
+    the pair trained by one command does; files of other settings, or without both runs, are refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from convergence_results import merge
+    finally:
+        sys.path.pop(0)
+    pair = run_bench(tmp_path / "pair")
+    bf16 = run_bench(tmp_path / "bf16", "--only", "bf16")
+    fp8 = run_bench(tmp_path / "fp8", "--only", "fp8")
+    paths = [str(tmp_path / name / "c.json") for name in ("bf16", "fp8")]
+    merged = merge(paths, str(tmp_path / "merged.json"))
+    assert json.loads((tmp_path / "merged.json").read_text()) == merged
+    for key in ("steps_compared", "rel_diff", "eval_rel_diff", "step1_rel_diff", "passed"):
+        assert merged["comparison"][key] == pair["comparison"][key], key
+    assert "fp8_over_bf16_tokens_per_sec" not in merged["comparison"]  # (runs of other processes: no ratio)
+    assert [m["file"] for m in merged["merged_from"]] == ["c.json", "c.json"]
+    assert merged["runs"]["fp8"]["curve"] == fp8["runs"]["fp8"]["curve"]
+    assert merged["runs"]["bf16"]["curve"] == bf16["runs"]["bf16"]["curve"]
+    with pytest.raises(ValueError, match="a comparison needs bf16"):
+        merge(paths[:1])
+    other = run_bench(tmp_path / "other", "--only", "fp8", "--seed", "1")
+    assert other["runs"]["fp8"]["steps_done"] == 2
+    with pytest.raises(ValueError, match="other settings"):
+        merge([paths[0], str(tmp_path / "other" / "c.json")])
