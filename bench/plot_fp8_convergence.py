@@ -5,6 +5,12 @@ shows there first), with the final losses and the < 1% target annotated.
 Needs matplotlib (`pip install -e ".[bench]"`); runs on the CPU machine after the GPU run.
 
     python bench/plot_fp8_convergence.py bench/results/fp8_convergence.json   # -> bench/results/fp8_convergence.png
+
+`--floor FLOOR.json` adds the noise-floor comparison of the same setting (BF16 against BF16 with other kernels,
+`--second bf16`): its second BF16 run as a third curve, and its difference from BF16 beside FP8's.
+
+    python bench/plot_fp8_convergence.py bench/results/fp8_convergence_code.json \
+        --floor bench/results/fp8_convergence_code_floor.json
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-COLORS = {"bf16": "tab:blue", "fp8": "tab:orange"}
+COLORS = {"bf16": "tab:blue", "fp8": "tab:orange", "bf16_b": "tab:green"}
 
 
 def ema(values: list[float | None], decay: float) -> list[float]:
@@ -41,6 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="PNG path (default: the results path with .png)")
     parser.add_argument("--key", default="loss", choices=["loss", "lm_loss"], help="which loss to plot")
     parser.add_argument("--ema", type=float, default=0.9, help="smoothing decay of the thick curves")
+    parser.add_argument("--floor", default=None, help="the same setting's noise-floor JSON (--second bf16)")
     args = parser.parse_args()
 
     import matplotlib
@@ -52,6 +59,11 @@ def main() -> None:
     runs = {name: run for name, run in data["runs"].items() if run.get("curve", {}).get("step")}
     if not runs:
         raise SystemExit(f"{args.results}: no run has any steps")
+    floor = json.loads(Path(args.floor).read_text()) if args.floor else None
+    if floor is not None:
+        if floor["common_overrides"] != data["common_overrides"] or "bf16_b" not in floor["runs"]:
+            raise SystemExit(f"{args.floor}: not a noise floor (--second bf16) of {args.results}'s setting")
+        runs["bf16_b"] = floor["runs"]["bf16_b"]
     out_path = Path(args.out) if args.out else Path(args.results).with_suffix(".png")
 
     fig, (ax_loss, ax_diff, ax_grad) = plt.subplots(
@@ -62,7 +74,8 @@ def main() -> None:
         color = COLORS.get(name)
         ax_loss.plot(steps, nan_for_none(values), color=color, alpha=0.25, linewidth=0.8)
         tps = run.get("tokens_per_sec_median")
-        label = f"{name.upper()} (EMA {args.ema})" + (f", {tps:,.0f} tokens/s" if tps else "")
+        title = "BF16 + " + " ".join(floor["second_run"]["overrides"]) if name == "bf16_b" else name.upper()
+        label = f"{title} (EMA {args.ema})" + (f", {tps:,.0f} tokens/s" if tps else "")
         ax_loss.plot(steps, ema(values, args.ema), color=color, linewidth=2, label=label)
         held_out = run.get("eval", {})
         if held_out.get("step"):
@@ -88,6 +101,10 @@ def main() -> None:
         ]
     if "eval_rel_diff" in comparison:
         lines.append(f"held-out LM loss after step {comparison['eval_step']}: {comparison['eval_rel_diff']:+.3%}")
+    if floor is not None and "rel_diff" in floor.get("comparison", {}):
+        lines.append(f"noise floor (BF16 vs BF16 + other kernels): final {floor['comparison']['rel_diff']:+.3%}")
+        if "eval_rel_diff" in floor["comparison"]:
+            lines.append(f"                           held-out {floor['comparison']['eval_rel_diff']:+.3%}")
     if "step1_rel_diff" in comparison:
         lines.append(f"step 1 (same weights and batch): {comparison['step1_rel_diff']:+.3%}")
     if "fp8_over_bf16_tokens_per_sec" in comparison:
@@ -106,13 +123,22 @@ def main() -> None:
             for x, y in zip(a[args.key][:n], b[args.key][:n])
         ]
         ax_diff.plot(a["step"][:n], nan_for_none(rel), color="0.6", linewidth=0.8, alpha=0.6, label="per step")
-        ax_diff.plot(a["step"][:n], ema(rel, args.ema), color="tab:red", linewidth=1.8, label=f"EMA {args.ema}")
+        ax_diff.plot(a["step"][:n], ema(rel, args.ema), color="tab:red", linewidth=1.8, label=f"FP8, EMA {args.ema}")
+        if "bf16_b" in runs:  # the noise floor: BF16 with other kernels against BF16
+            c = runs["bf16_b"]["curve"]
+            m = min(len(a["step"]), len(c["step"]))
+            rel_b = [
+                None if x is None or y is None or x == 0 else 100 * (y - x) / abs(x)
+                for x, y in zip(a[args.key][:m], c[args.key][:m])
+            ]
+            ax_diff.plot(a["step"][:m], ema(rel_b, args.ema), color="tab:green", linewidth=1.4,
+                         label=f"BF16 + other kernels (noise floor), EMA {args.ema}")  # fmt: skip
         target = 100 * comparison.get("target_rel_diff", 0.01)
         for y in (-target, target):
             ax_diff.axhline(y, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.6)
         ax_diff.axhline(0, color="black", linewidth=0.6)
         ax_diff.legend(loc="upper right", fontsize=8)
-    ax_diff.set_ylabel("(FP8 - BF16) / BF16  [%]")
+    ax_diff.set_ylabel("(run - BF16) / BF16  [%]")
     ax_diff.grid(alpha=0.3)
     ax_grad.set_yscale("log")
     ax_grad.set_ylabel("gradient norm\n(before clipping)")
