@@ -23,6 +23,7 @@ Memory: the FP8 model's weights and gradients and G (in bf16) come on top of the
 deepseek_v3_mini (2.5B parameters in fp32; the run itself peaked at 30.2 GiB in bench/fp8_convergence.py).
 
     python bench/fp8_step_progress.py --out bench/results/fp8_step_progress.json --at 100 200 300 --git-sha SHA
+    python bench/fp8_step_progress.py --out bench/results/fp8_step_progress_code.json --at 100 200 300 --data-path /tmp/code
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--activation-checkpointing", default="full")
     parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--data-path", default=None, help="a prepared directory (bench/code_corpus.py) to train on")
     parser.add_argument("--work", default="/tmp/moetron-fp8-step-progress")
     args = parser.parse_args()
     args.steps = args.steps or max(args.at)

@@ -52,7 +52,7 @@ def test_identical_twin_gives_zero(tmp_path, monkeypatch):
 
     args = sp.argparse.Namespace(
         model="moe_debug", seq_len=64, micro_batch=2, steps=2, warmup_steps=1, seed=0, device="cpu",
-        activation_checkpointing="none", eval_batches=0, val_fraction=0.15,
+        activation_checkpointing="none", eval_batches=0, val_fraction=0.15, data_path=None,
         override=["model.q_lora_rank=128", "model.kv_lora_rank=128", "model.moe_ffn_hidden=128"],
     )  # fmt: skip
     results = []
