@@ -20,7 +20,9 @@ the losses with and without `--at` are equal.) A CPU proxy study (docs/fp8_perfo
 progress lost per step; a 5% final-loss gap after 300 steps needs far more, or the runs' divergence.
 
 Memory: the FP8 model's weights and gradients and G (in bf16) come on top of the run: ~25 GB more for
-deepseek_v3_mini (2.5B parameters in fp32; the run itself peaked at 30.2 GiB in bench/fp8_convergence.py).
+deepseek_v3_mini (2.5B parameters in fp32). The run itself held 34 GiB allocated at its first optimizer step and
+44-45 GiB reserved by the caching allocator on an H100 (bench/fp8_convergence.py's docstring), so ~70 GB in all: an
+H100 should hold it, with little to spare; not yet run on a GPU.
 
     python bench/fp8_step_progress.py --out bench/results/fp8_step_progress.json --at 100 200 300 --git-sha SHA
     python bench/fp8_step_progress.py --out bench/results/fp8_step_progress_code.json --at 100 200 300 --data-path /tmp/code
