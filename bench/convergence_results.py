@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -141,7 +142,9 @@ class Report:
             self.out["runs"].setdefault(name, {}).update(recorder.summary())
         self.out["total_wall_s"] = round(time.perf_counter() - self.t0, 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.out, indent=1) + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # (written whole, then renamed: a reader sees no part)
+        tmp.write_text(json.dumps(self.out, indent=1) + "\n")
+        os.replace(tmp, self.path)
 
 
 def compare(bf16: dict, fp8: dict, second: str = "fp8", concurrent: bool = False) -> dict:

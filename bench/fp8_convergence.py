@@ -22,14 +22,17 @@ budget, the FP8 run by all of it); the comparison then uses the steps both compl
 (`comparison.all_steps_compared: false`).
 
 `--concurrent` trains the two runs at once, each in a child process of this script (`--only NAME`, its own JSON
-under `--work`), and compares them when both have ended. The numerics are those of the sequential runs (each run
+under `--work`), and compares them when both have ended. On a GPU the second starts after the first's first step,
+and only if the memory then free holds another run of the first's footprint; otherwise after the first has ended
+(`"concurrent": false` in the JSON). The numerics are those of the sequential runs (each run
 is its own process with its own seeds; nothing is shared), and the wall time is about that of the slower run when
 the steps are bound by the host, as the mini preset's are (the GPU was busy 146-155 ms of FP8's 391-414 ms steps,
 bench/results/fp8_step.json). Both runs must fit in the GPU's memory together, and for deepseek_v3_mini they do
 not on an H100 (80 GB): the BF16 process held 44-45 GiB (the caching allocator's reserve, the CUDA context, kernel
 workspaces) and the FP8 process ran out of memory at its first optimizer step with 34 GiB allocated, with and without
-`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (bench/results/fp8_convergence_code_seed1.json). Use an H200, or
-run the two with `--only` one after the other and compare them with `bench/convergence_results.py merge`. (The
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (bench/results/fp8_convergence_code_seed1.json). That is why the
+second child now waits for the first's footprint (the check has not run on a GPU yet); two `--only` runs compared by
+`bench/convergence_results.py merge` do the same by hand. (The
 30.2 GiB "peak" of earlier JSONs was the last log interval's: the trainer resets the allocator's peak every interval.
 The Recorder now keeps the largest reading and the largest reserved memory, `peak_reserved_gb`.) Tokens/s of
 concurrent runs are those of two runs sharing a GPU (`"concurrent": true` in the JSON; no throughput ratio).
@@ -145,9 +148,12 @@ def train_one(
 
 
 def run_children(names: list[str], out_path: str, work: Path, report: Report) -> dict[str, dict]:
-    """--concurrent: this script once per run in `names`, at the same time (`--only NAME`, the same other arguments,
-    the child's JSON and run directory under `work`); returns their `runs` entries. A child that ends without its
-    JSON, or killed, is recorded with its exit status as the run's error."""
+    """--concurrent: this script once per run in `names` (`--only NAME`, the same other arguments, the child's JSON
+    and run directory under `work`); returns their `runs` entries. On a GPU the second child starts once the first
+    has done its first step (the step that holds the most memory: optimizer state, kernel tuning) and only if the
+    memory left free holds another run of that footprint (`second_fits`); otherwise after the first has ended, and
+    `report.out["concurrent"]` becomes false. A child that ends without its JSON, or killed, is recorded with its
+    exit status as the run's error."""
     argv, skip = [], False
     for arg in sys.argv[1:]:  # this command line without --concurrent and --out (the children get their own)
         if skip:
@@ -157,13 +163,23 @@ def run_children(names: list[str], out_path: str, work: Path, report: Report) ->
         elif arg != "--concurrent" and not arg.startswith("--out="):
             argv.append(arg)
     work.mkdir(parents=True, exist_ok=True)
-    children = {}
-    for name in names:
+
+    def start(name: str):
         child_out = work / f"{name}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--only", name, "--out", str(child_out)]
         cmd += ["--work", str(work / name)]  # (argparse keeps the last --work)
         print(f"[{name}] child process: {' '.join(cmd)}", flush=True)
-        children[name] = (subprocess.Popen(cmd), child_out)
+        return subprocess.Popen(cmd), child_out
+
+    children = {names[0]: start(names[0])}
+    for name in names[1:]:
+        if torch.cuda.is_available() and not wait_and_check_room(*children[names[0]], names[0]):
+            print(
+                f"[{name}] not enough GPU memory beside [{names[0]}]: it starts when [{names[0]}] has ended", flush=True
+            )
+            children[names[0]][0].wait()
+            report.out["concurrent"] = False
+        children[name] = start(name)
     runs = {}
     for name, (proc, child_out) in children.items():
         code = proc.wait()
@@ -176,6 +192,33 @@ def run_children(names: list[str], out_path: str, work: Path, report: Report) ->
         report.out["runs"][name] = run
         report.save()
     return runs
+
+
+def second_fits(first_reserved_gib: float, free_gib: float, margin_gib: float = 4.0) -> bool:
+    """Whether a second run like the first (its caching allocator's footprint after its first step) fits in the
+    GPU memory left free, with `margin_gib` for its CUDA context and what the allocator reserves beyond the first
+    step. (On an H100 the mini preset's BF16 run held 44-45 GiB and the FP8 run, started beside it, ran out.)"""
+    return free_gib >= first_reserved_gib + margin_gib
+
+
+def wait_and_check_room(proc, child_out: Path, name: str, poll_s: float = 2.0) -> bool:
+    """Wait until the child `proc` has recorded its first step (or ended), then whether a second run fits beside it."""
+    reserved = None
+    while proc.poll() is None:
+        try:
+            run = json.loads(child_out.read_text())["runs"].get(name, {}) if child_out.is_file() else {}
+        except (ValueError, KeyError):  # (a file being rewritten)
+            run = {}
+        if run.get("steps_done"):
+            reserved = run.get("peak_reserved_gb")
+            break
+        time.sleep(poll_s)
+    if proc.poll() is not None or reserved is None:
+        return proc.poll() is not None  # (ended: all its memory is free; no reading: wait for it)
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    fits = second_fits(reserved, free_gib)
+    print(f"[{name}] holds {reserved:.1f} GiB after its first step; {free_gib:.1f} GiB free", flush=True)
+    return fits
 
 
 def data_summary(path: str, train_tokens: int) -> dict:
@@ -271,10 +314,11 @@ def main() -> None:
     if args.only and args.only not in pair:
         parser.error(f"--only {args.only}: this comparison's runs are {pair}")
     names = [args.only] if args.only else pair
-    if args.concurrent and not args.only:
-        out["concurrent"] = True
+    children = args.concurrent and not args.only
+    if children:
+        out["concurrent"] = True  # (false if the second child had to wait for the first: run_children)
         out["runs"] = run_children(names, args.out, work, report)
-    for name in [] if out.get("concurrent") else names:
+    for name in [] if children else names:
         deadline = None
         if args.budget_s:  # (sequential: the BF16 run gets the first half of the budget)
             deadline = started + args.budget_s * (0.5 if name == "bf16" and len(names) == 2 else 1.0)

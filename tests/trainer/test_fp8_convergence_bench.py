@@ -133,3 +133,29 @@ def test_merge_compares_runs_recorded_apart(tmp_path):
     assert other["runs"]["fp8"]["steps_done"] == 2
     with pytest.raises(ValueError, match="other settings"):
         merge([paths[0], str(tmp_path / "other" / "c.json")])
+
+
+def test_concurrent_second_run_waits_for_room(tmp_path, monkeypatch):
+    """--concurrent on a GPU: the second child starts beside the first only if the memory free after the first's
+    first step holds another run of the first's footprint (an H100 did not hold the mini pair)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fp8_convergence as fc
+    finally:
+        sys.path.pop(0)
+
+    class Child:  # a running child process (poll() is None until `ended`)
+        ended = False
+
+        def poll(self):
+            return 0 if self.ended else None
+
+    out = tmp_path / "bf16.json"
+    out.write_text(json.dumps({"runs": {"bf16": {"steps_done": 1, "peak_reserved_gb": 44.5}}}))
+    for free_gib, fits in ((35.0, False), (48.0, False), (49.0, True), (90.0, True)):
+        monkeypatch.setattr(fc.torch.cuda, "mem_get_info", lambda f=free_gib: (f * 2**30, 80 * 2**30))
+        assert fc.wait_and_check_room(Child(), out, "bf16", poll_s=0) is fits, free_gib
+    ended = Child()
+    ended.ended = True  # a first run that already ended leaves the whole GPU
+    assert fc.wait_and_check_room(ended, tmp_path / "missing.json", "bf16", poll_s=0)
+    assert fc.second_fits(44.5, 48.5) and not fc.second_fits(44.5, 48.4)
