@@ -52,3 +52,25 @@ def test_fp8_exact_resume_after_kill(cache_dir, tmp_path):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
+
+
+def test_fp8_nan_guard_sees_a_nan_weight(cache_dir, tmp_path):
+    """A NaN in a weight that only FP8 GEMMs read (the first dense FFN's down projection, quantized 128x128 per
+    step) reaches the loss through the quantizers and the GEMM, and the trainer's NaN guard stops the run."""
+    import torch
+
+    from moetron.kernels.fp8_linear import FP8Linear
+    from moetron.train import run
+    from moetron.trainer.step import NonFiniteError
+    from tests.trainer.test_train import compose_cfg
+
+    def poison(trainer, step, result):
+        if step == 2:
+            ffn = trainer.plain.layers["0"].ffn
+            assert isinstance(ffn.down_proj, FP8Linear)
+            with torch.no_grad():
+                ffn.down_proj.weight[0, 0] = float("nan")
+
+    cfg = compose_cfg(fast(cache_dir, tmp_path, "trainer.steps=4", "trainer.nan_policy=stop", *FP8))
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss=nan"):
+        run(cfg, run_dir=tmp_path, callbacks=[poison])
