@@ -141,11 +141,16 @@ def _override(overrides: list[str], key: str, default="-"):
     return default
 
 
+# overrides that do not change what a convergence run computes (the seed is what a setting's rows vary)
+_NOT_THE_SETTING = ("trainer.seed=", "trainer.save_final=", "trainer.checkpoint_every=", "trainer.resume=", "logging")
+
+
 def fp8_convergence(paths: list[Path]) -> str:
     """A row per convergence comparison (FP8 against BF16, or the BF16 noise floor: BF16 against BF16 with other
     kernels): its setting, the final losses (mean of the last 10 steps both runs completed) and the relative
-    differences of the final training loss and of the last held-out loss."""
-    rows = []
+    differences of the final training loss and of the last held-out loss. Then, for each setting (all overrides
+    but the seed equal) compared at two seeds or more, the mean and the range of those differences over its seeds."""
+    rows, by_setting = [], {}
     for path in paths:
         data = json.loads(path.read_text())
         c = data.get("comparison")
@@ -156,16 +161,32 @@ def fp8_convergence(paths: list[Path]) -> str:
         what = "FP8" if second == "fp8" else "floor: BF16 + " + " ".join(data["second_run"]["overrides"])
         what = " ".join([what, *(o for o in common if o.startswith("model.fp8."))])
         corpus = "stdlib source" if _override(common, "data.source", "builtin") == "bin" else "built-in docs"
+        warmup, seed = _override(common, "optim.warmup_steps"), _override(common, "trainer.seed")
         rows.append([
-            path.name, what, corpus, _override(common, "optim.warmup_steps"), _override(common, "trainer.seed"),
-            c["steps_compared"], f"{c['final_loss_bf16']:.4f}", f"{c[f'final_loss_{second}']:.4f}",
-            f"{100 * c['rel_diff']:+.2f}%",
+            path.name, what, corpus, warmup, seed, c["steps_compared"], f"{c['final_loss_bf16']:.4f}",
+            f"{c[f'final_loss_{second}']:.4f}", f"{100 * c['rel_diff']:+.2f}%",
             "-" if c.get("eval_rel_diff") is None else f"{100 * c['eval_rel_diff']:+.2f}%",
             data["device"].replace("NVIDIA ", ""), data["git_sha"][:7],
         ])  # fmt: skip
+        setting = tuple(o for o in common if not o.startswith(_NOT_THE_SETTING))  # (same data, same recipe)
+        seeds = by_setting.setdefault((what, corpus, warmup, setting), {})
+        seeds.setdefault(seed, (c["rel_diff"], c.get("eval_rel_diff")))  # (a seed's first file in name order)
     header = ["file", "compared", "data", "warm-up", "seed", "steps", "BF16 final", "other final", "final diff",
               "held-out diff", "device", "sha"]  # fmt: skip
-    return _table(header, rows)
+    out = [_table(header, rows)]
+    summary = []
+    for (what, corpus, warmup, _), seeds in by_setting.items():
+        if len(seeds) < 2:
+            continue
+        final = [100 * d for d, _ in seeds.values()]
+        held = [100 * e for _, e in seeds.values() if e is not None]
+        cells = [f"{sum(final) / len(final):+.2f}% ({min(final):+.2f} to {max(final):+.2f})"]
+        cells.append(f"{sum(held) / len(held):+.2f}% over {len(held)}" if held else "-")
+        summary.append([what, corpus, warmup, ", ".join(sorted(seeds)), *cells])
+    if summary:
+        out.append(_table(["compared", "data", "warm-up", "seeds", "final diff: mean (range)", "held-out diff"],
+                          summary))  # fmt: skip
+    return "\n\n".join(out)
 
 
 def main():
