@@ -19,7 +19,7 @@ from moetron.trainer.metrics import (
     cuda_device_name,
     expert_load_histograms,
     expert_load_metrics,
-    peak_memory_gb,
+    peak_memory_stats_gb,
     peak_tflops,
 )
 from moetron.trainer.sinks import build_logger
@@ -71,10 +71,12 @@ class MetricsTracker:
         metrics = dict(result.losses)
         if result.grad_norm_embed is not None:
             metrics["grad_norm/embed"] = result.grad_norm_embed
+        mem_peak, mem_reserved = peak_memory_stats_gb(self.device)  # (reserved: None on CPU)
         metrics.update(
             grad_norm=result.grad_norm,
             lr=lr,
-            mem_peak_gb=peak_memory_gb(self.device),
+            mem_peak_gb=mem_peak,
+            mem_reserved_peak_gb=mem_reserved,
             skipped_steps=self._skipped,
             **speed.as_dict(),
         )

@@ -105,7 +105,9 @@ class ConsoleSink:
             self._bar = None
 
 
-JSONL_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb")
+JSONL_KEYS = (
+    "step", "loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb", "mem_reserved_peak_gb",
+)  # fmt: skip
 
 
 def _plain(value: Any) -> Any:

@@ -20,6 +20,7 @@ from moetron.trainer.metrics import (
     expert_load_histograms,
     expert_load_metrics,
     peak_memory_gb,
+    peak_memory_stats_gb,
     peak_tflops,
 )
 from moetron.trainer.sinks import (
@@ -117,6 +118,8 @@ def test_peak_memory_on_cpu_is_the_process_max_rss():
     vm_hwm_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
     assert gb == pytest.approx(vm_hwm_kib / 2**20, rel=0.05)  # both are the peak RSS
     assert 0.01 < gb < 64
+    rss, reserved = peak_memory_stats_gb()
+    assert reserved is None and rss == pytest.approx(gb, rel=0.05)  # no caching allocator on the CPU
 
 
 @pytest.mark.gpu
@@ -127,6 +130,13 @@ def test_cuda_peak_memory_resets_and_the_device_is_in_the_table():
     del block
     assert peak_memory_gb() >= 1.0
     assert peak_memory_gb() < 0.5  # the previous call reset the peak
+    torch.cuda.empty_cache()
+    peak_memory_stats_gb()  # reset
+    block = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    del block  # (freed to the cache: still reserved)
+    allocated, reserved = peak_memory_stats_gb()
+    assert allocated >= 1.0 and reserved >= 1.0
+    assert torch.cuda.memory_reserved() >= 2**30  # the cache holds it until emptied
 
 
 # ----------------------------------------------------------------------------- MoE load
