@@ -2,13 +2,10 @@
 after a kill, with `model.fp8.enabled=true` and the FP8 weight cache on (the torch references of the kernels run
 here; the quantization arithmetic is the kernels', tested against them in tests/kernels)."""
 
-import subprocess
-import sys
-
 import pytest
 from omegaconf import OmegaConf
 
-from tests.trainer.test_train import WORKER, env, fast, losses
+from tests.trainer.test_train import compose_cfg, fast, one_rank_and_two_ranks, straight_and_resumed
 
 FP8 = ["model.d_model=128", "model.ffn_hidden=256", "model.moe_ffn_hidden=128", "model.fp8.enabled=true",
        "model.fp8.cache_weights=true", "model.mtp_depth=1"]  # fmt: skip
@@ -19,17 +16,7 @@ def test_fp8_data_parallel_two_ranks_equal_one_rank(cache_dir, tmp_path):
     """2 gloo ranks x micro-batch 4 == 1 rank x 2 accumulated micro-batches of 4, in FP8. Each rank's tokens are
     one accumulated micro-batch's, so the per-token (1x128) and per-128-token (wgrad) quantization tiles are the
     same in both layouts; only the gradient sum's order differs."""
-    common = fast(cache_dir, "X", "trainer.steps=6", "trainer.checkpoint_every=0", *FP8)
-    one = [o.replace("trainer.run_dir=X", f"trainer.run_dir={tmp_path / 'one'}") for o in common]
-    two = [o.replace("trainer.run_dir=X", f"trainer.run_dir={tmp_path / 'two'}") for o in common]
-    subprocess.run([sys.executable, WORKER, *one, "trainer.grad_accum=2"], check=True, env=env(), timeout=600)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "moetron.train", *two, "trainer.grad_accum=1"],
-        capture_output=True, text=True, env=env(), timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = one_rank_and_two_ranks(cache_dir, tmp_path, 6, *FP8)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
@@ -41,15 +28,10 @@ def test_fp8_data_parallel_two_ranks_equal_one_rank(cache_dir, tmp_path):
 def test_fp8_exact_resume_after_kill(cache_dir, tmp_path):
     """8 FP8 steps straight == 5 steps, SIGKILL (last checkpoint: step 4), resume to 8, loss for loss: the weight
     cache holds nothing a checkpoint must carry (it is rebuilt from the restored weights)."""
-    args = fast(cache_dir, "X", "trainer.steps=8", "trainer.checkpoint_every=4", "trainer.keep_last=2", *FP8)
-    straight = [o.replace("X", str(tmp_path / "straight")) for o in args]
-    crashed = [o.replace("X", str(tmp_path / "crashed")) for o in args]
-    subprocess.run([sys.executable, WORKER, *straight], check=True, env=env(), timeout=600)
-    killed = subprocess.run([sys.executable, WORKER, "--kill-at", "5", *crashed], env=env(), timeout=600)
-    assert killed.returncode == -9
-    assert sorted(losses(tmp_path / "crashed")) == list(range(1, 6))
-    subprocess.run([sys.executable, WORKER, *crashed], check=True, env=env(), timeout=600)
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    r = straight_and_resumed(cache_dir, tmp_path, 8, 4, 5, *FP8)
+    assert r["killed_returncode"] == -9
+    assert r["steps_before"] == list(range(1, 6))
+    a, b = r["straight"], r["resumed"]
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
 
@@ -62,7 +44,6 @@ def test_fp8_nan_guard_sees_a_nan_weight(cache_dir, tmp_path):
     from moetron.kernels.fp8_linear import FP8Linear
     from moetron.train import run
     from moetron.trainer.step import NonFiniteError
-    from tests.trainer.test_train import compose_cfg
 
     def poison(trainer, step, result):
         if step == 2:

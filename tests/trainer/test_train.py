@@ -108,19 +108,42 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
     assert proc.returncode != 0 and "optim.lrr" in proc.stderr
 
 
-def test_data_parallel_two_ranks_equal_one_rank(cache_dir, tmp_path):
-    """2 gloo ranks x micro-batch 4 == 1 rank x 2 accumulated micro-batches of 4, step by step."""
-    common = fast(cache_dir, "X", "trainer.steps=10", "trainer.checkpoint_every=0", "model.mtp_depth=1")
+def one_rank_and_two_ranks(cache_dir, tmp_path, steps: int, *extra: str) -> tuple[dict, dict]:
+    """The same run as 1 rank x 2 accumulated micro-batches and as 2 gloo ranks x 1 (torchrun), each in its own
+    process with the same environment (one CPU thread), under tmp_path/one and tmp_path/two: their step -> loss."""
+    common = fast(cache_dir, "X", f"trainer.steps={steps}", "trainer.checkpoint_every=0", *extra)
     one = [o.replace("trainer.run_dir=X", f"trainer.run_dir={tmp_path / 'one'}") for o in common]
     two = [o.replace("trainer.run_dir=X", f"trainer.run_dir={tmp_path / 'two'}") for o in common]
-    run(compose_cfg([*one, "trainer.grad_accum=2"]), run_dir=tmp_path / "one")
+    subprocess.run([sys.executable, WORKER, *one, "trainer.grad_accum=2"], check=True, env=env(), timeout=600)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*torchrun, "-m", "moetron.train", *two, "trainer.grad_accum=1"],
-        capture_output=True, text=True, env=env(), timeout=300,
+        capture_output=True, text=True, env=env(), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    return losses(tmp_path / "one"), losses(tmp_path / "two")
+
+
+def straight_and_resumed(cache_dir, tmp_path, steps: int, checkpoint_every: int, kill_at: int, *extra: str) -> dict:
+    """The same run straight (tmp_path/straight) and killed with SIGKILL after step `kill_at`, then resumed
+    (tmp_path/crashed): what a resume test checks (the kill's exit status, the steps and checkpoints before the
+    resume, both runs' step -> loss)."""
+    args = fast(cache_dir, "X", f"trainer.steps={steps}", f"trainer.checkpoint_every={checkpoint_every}",
+                "trainer.keep_last=2", *extra)  # fmt: skip
+    straight = [o.replace("X", str(tmp_path / "straight")) for o in args]
+    crashed = [o.replace("X", str(tmp_path / "crashed")) for o in args]
+    subprocess.run([sys.executable, WORKER, *straight], check=True, env=env(), timeout=600)
+    killed = subprocess.run([sys.executable, WORKER, "--kill-at", str(kill_at), *crashed], env=env(), timeout=600)
+    out = {"killed_returncode": killed.returncode, "steps_before": sorted(losses(tmp_path / "crashed"))}
+    out["checkpoints"] = sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir() if p.name[0] != ".")
+    subprocess.run([sys.executable, WORKER, *crashed], check=True, env=env(), timeout=600)
+    out["straight"], out["resumed"] = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    return out
+
+
+def test_data_parallel_two_ranks_equal_one_rank(cache_dir, tmp_path):
+    """2 gloo ranks x micro-batch 4 == 1 rank x 2 accumulated micro-batches of 4, step by step."""
+    a, b = one_rank_and_two_ranks(cache_dir, tmp_path, 10, "model.mtp_depth=1")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
@@ -129,18 +152,11 @@ def test_data_parallel_two_ranks_equal_one_rank(cache_dir, tmp_path):
 
 def test_exact_resume_after_kill(cache_dir, tmp_path):
     """20 steps straight == 13 steps, SIGKILL (last checkpoint: step 10), resume to 20: every step's loss."""
-    args = fast(cache_dir, "X", "trainer.steps=20", "trainer.checkpoint_every=5", "trainer.keep_last=2")
-    straight = [o.replace("X", str(tmp_path / "straight")) for o in args]
-    crashed = [o.replace("X", str(tmp_path / "crashed")) for o in args]
-    subprocess.run([sys.executable, WORKER, *straight], check=True, env=env(), timeout=300)
-    killed = subprocess.run([sys.executable, WORKER, "--kill-at", "13", *crashed], env=env(), timeout=300)
-    assert killed.returncode == -9
-    steps_before = sorted(losses(tmp_path / "crashed"))
-    assert steps_before == list(range(1, 14))
-    ckpts = sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert ckpts[-1] == "step_00000010"
-    subprocess.run([sys.executable, WORKER, *crashed], check=True, env=env(), timeout=300)
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    r = straight_and_resumed(cache_dir, tmp_path, 20, 5, 13)
+    assert r["killed_returncode"] == -9
+    assert r["steps_before"] == list(range(1, 14))
+    assert r["checkpoints"][-1] == "step_00000010"
+    a, b = r["straight"], r["resumed"]
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
 
