@@ -41,6 +41,17 @@ def nan_for_none(values):
     return [math.nan if v is None else v for v in values]
 
 
+def relative_to(base: dict, other: dict, key: str) -> tuple[list, list]:
+    """(steps, 100 * (other - base) / |base|) of two curves' `key` over the steps both have (None where either
+    value is missing)."""
+    n = min(len(base["step"]), len(other["step"]))
+    rel = [
+        None if x is None or y is None or x == 0 else 100 * (y - x) / abs(x)
+        for x, y in zip(base[key][:n], other[key][:n])
+    ]
+    return base["step"][:n], rel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default="bench/results/fp8_convergence.json")
@@ -116,22 +127,13 @@ def main() -> None:
         )  # fmt: skip
 
     if {"bf16", "fp8"} <= runs.keys():
-        a, b = runs["bf16"]["curve"], runs["fp8"]["curve"]
-        n = min(len(a["step"]), len(b["step"]))
-        rel = [
-            None if x is None or y is None or x == 0 else 100 * (y - x) / abs(x)
-            for x, y in zip(a[args.key][:n], b[args.key][:n])
-        ]
-        ax_diff.plot(a["step"][:n], nan_for_none(rel), color="0.6", linewidth=0.8, alpha=0.6, label="per step")
-        ax_diff.plot(a["step"][:n], ema(rel, args.ema), color="tab:red", linewidth=1.8, label=f"FP8, EMA {args.ema}")
+        base = runs["bf16"]["curve"]
+        steps, rel = relative_to(base, runs["fp8"]["curve"], args.key)
+        ax_diff.plot(steps, nan_for_none(rel), color="0.6", linewidth=0.8, alpha=0.6, label="per step")
+        ax_diff.plot(steps, ema(rel, args.ema), color="tab:red", linewidth=1.8, label=f"FP8, EMA {args.ema}")
         if "bf16_b" in runs:  # the noise floor: BF16 with other kernels against BF16
-            c = runs["bf16_b"]["curve"]
-            m = min(len(a["step"]), len(c["step"]))
-            rel_b = [
-                None if x is None or y is None or x == 0 else 100 * (y - x) / abs(x)
-                for x, y in zip(a[args.key][:m], c[args.key][:m])
-            ]
-            ax_diff.plot(a["step"][:m], ema(rel_b, args.ema), color="tab:green", linewidth=1.4,
+            steps, rel = relative_to(base, runs["bf16_b"]["curve"], args.key)
+            ax_diff.plot(steps, ema(rel, args.ema), color="tab:green", linewidth=1.4,
                          label=f"BF16 + other kernels (noise floor), EMA {args.ema}")  # fmt: skip
         target = 100 * comparison.get("target_rel_diff", 0.01)
         for y in (-target, target):
