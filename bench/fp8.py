@@ -7,11 +7,15 @@ fails, so one peer that does not take a shape does not stop the run):
 * gemm: C = A @ B^T, A (M, K), B (N, K). `moetron_fp8` is `fp8_gemm` on pre-quantized operands
   (1x128 activation tiles, 128x128 weight blocks: DeepSeek-V3's recipe), `moetron_fp8_quant` adds
   quantizing both operands; peers `torch_bf16` (torch.matmul), `scaled_mm_tensorwise` (one fp32
-  scale per operand) and `scaled_mm_rowwise` (scale_a (M, 1), scale_b (1, N)).
+  scale per operand), `scaled_mm_rowwise` (scale_a (M, 1), scale_b (1, N)) and `scaled_mm_blockwise`:
+  cuBLAS's own block-scaled GEMM (`torch.nn.functional.scaled_mm`, BlockWise1x128 x BlockWise128x128,
+  torch >= 2.9), the same recipe on moetron's quantized operands. `rel_diff_vs_cublas_blockwise` is
+  ||C_moetron - C_cublas|| / ||C_cublas||: two implementations of one sum, so it is rounding-small.
 * grouped: the MoE expert GEMMs, rows sorted by expert: `moetron_fp8` is `fp8_grouped_gemm`
   (pre-quantized), `moetron_fp8_quant` adds the quantization, peers `grouped_mm_bf16`
   (`torch._grouped_mm`) and `scaled_grouped_mm_rowwise` (`torch._scaled_grouped_mm`, cuBLAS-style
-  rowwise FP8). Group sizes: multinomial from a fixed seed over skewed expert probabilities;
+  rowwise FP8) and `scaled_grouped_mm_blockwise` (`torch.nn.functional.scaled_grouped_mm` with
+  DeepSeek's recipe, where this torch's cuBLAS takes it). Group sizes: multinomial from a fixed seed over skewed expert probabilities;
   `aligned` rounds every group up to a multiple of 128 rows (the padding of the FP8 MoE path).
 * linear: a full forward + backward (`y.backward(grad)`, grads of input and weight) of
   `FP8Linear` vs `nn.Linear`, both with bf16 parameters and inputs, no autocast (and the same with fp32
@@ -41,6 +45,7 @@ import torch
 import triton
 from timing import kernel_breakdown_us, median_ms  # bench/timing.py (this script's directory is on sys.path)
 from torch import nn
+from torch.nn import functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -91,16 +96,18 @@ def add_ratios(row: dict, pairs: list[tuple[str, str]]) -> None:
             row[f"ratio_{ours}_vs_{peer}"] = round(row[ours] / row[peer], 3)
 
 
-def rel_err(row: dict, name: str, fn: Callable[[], torch.Tensor], reference: torch.Tensor) -> None:
+def rel_err(row: dict, name: str, fn: Callable[[], torch.Tensor], reference: torch.Tensor, key: str = "") -> None:
+    """row[key] (default rel_err_<name>) = ||fn() - reference|| / ||reference||, to 6 significant digits."""
     if row.get(name) is None:
         return
+    key = key or f"rel_err_{name}"
     try:
         with torch.no_grad():
             out = fn().float()
             ref = reference.float()
-            row[f"rel_err_{name}"] = round(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item(), 4)
+            row[key] = float(f"{((out - ref).norm() / ref.norm().clamp_min(1e-30)).item():.6g}")
     except Exception as e:
-        row[f"rel_err_{name}_error"] = _first_line(e)
+        row[f"{key}_error"] = _first_line(e)
 
 
 def _first_line(e: Exception) -> str:
@@ -148,6 +155,12 @@ def tensorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(FP8), scale
 
 
+def blockwise_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """moetron's scales in the layouts cuBLAS's block-scaled GEMM reads: a_scale (M, K/128) stored M-major
+    (its transpose contiguous), b_scale (..., N/128, K/128) as the (..., K/128, N/128) view of B^T's blocks."""
+    return a_scale.t().contiguous().t(), b_scale.transpose(-2, -1)
+
+
 def gemm_rows(shapes, args, device) -> list[dict]:
     fp8 = moetron_fp8()
     return [_report(gemm_row(m, n, k, label, fp8, args, device)) for m, n, k, label in shapes]
@@ -171,6 +184,16 @@ def gemm_row(m, n, k, label, fp8, args, device) -> dict:
         impls["moetron_fp8_quant"] = lambda: f.fp8_gemm(
             *f.quantize_1x128(a), *f.quantize_128x128(b), out_dtype=torch.bfloat16
         )
+        a_sb, b_sb = blockwise_scales(a_s, b_s)
+        impls["scaled_mm_blockwise"] = lambda: F.scaled_mm(
+            aq,
+            bq.t(),
+            a_sb,
+            F.ScalingType.BlockWise1x128,
+            b_sb,
+            F.ScalingType.BlockWise128x128,
+            output_dtype=torch.bfloat16,
+        )
     except Exception as e:
         for name in ("moetron_fp8", "moetron_fp8_quant"):
             row[name], row[f"{name}_error"] = None, _first_line(e)
@@ -188,13 +211,18 @@ def gemm_row(m, n, k, label, fp8, args, device) -> dict:
     )
     measure(row, impls, 2.0 * m * n * k, args, device)
     reference = torch.matmul(a, b.t())
-    for name in ("moetron_fp8", "scaled_mm_tensorwise", "scaled_mm_rowwise"):
+    for name in ("moetron_fp8", "scaled_mm_tensorwise", "scaled_mm_rowwise", "scaled_mm_blockwise"):
         if name in impls:
             rel_err(row, name, impls[name], reference)
+    if row.get("moetron_fp8") and row.get("scaled_mm_blockwise"):
+        rel_err(
+            row, "moetron_fp8", impls["moetron_fp8"], impls["scaled_mm_blockwise"](), key="rel_diff_vs_cublas_blockwise"
+        )
     add_ratios(
         row,
         [
             ("moetron_fp8", "scaled_mm_rowwise"),
+            ("moetron_fp8", "scaled_mm_blockwise"),
             ("moetron_fp8", "scaled_mm_tensorwise"),
             ("moetron_fp8", "torch_bf16"),
             ("moetron_fp8_triton", "scaled_mm_rowwise"),
@@ -254,6 +282,17 @@ def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> di
         impls["moetron_fp8_quant"] = lambda: f.fp8_grouped_gemm(
             *f.quantize_1x128(x), *quantize_weight_grouped(f, w), ends, out_dtype=torch.bfloat16
         )
+        x_sb, w_sb = blockwise_scales(x_s, w_s)
+        impls["scaled_grouped_mm_blockwise"] = lambda: F.scaled_grouped_mm(
+            xq,
+            wq.transpose(-2, -1),
+            x_sb,
+            F.ScalingType.BlockWise1x128,
+            w_sb,
+            F.ScalingType.BlockWise128x128,
+            offs=ends,
+            output_dtype=torch.bfloat16,
+        )
     except Exception as e:
         for name in ("moetron_fp8", "moetron_fp8_quant"):
             row[name], row[f"{name}_error"] = None, _first_line(e)
@@ -271,7 +310,7 @@ def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> di
         from moetron.kernels.grouped_gemm import grouped_gemm_reference
 
         reference = grouped_gemm_reference(x, w, ends)
-    for name in ("moetron_fp8", "scaled_grouped_mm_rowwise"):
+    for name in ("moetron_fp8", "scaled_grouped_mm_rowwise", "scaled_grouped_mm_blockwise"):
         if name in impls:
             rel_err(row, name, impls[name], reference)
     add_ratios(
@@ -279,6 +318,7 @@ def grouped_row(n_experts, total, n, k, label, aligned, fp8, args, device) -> di
         [
             ("moetron_fp8", "grouped_mm_bf16"),
             ("moetron_fp8", "scaled_grouped_mm_rowwise"),
+            ("moetron_fp8", "scaled_grouped_mm_blockwise"),
             ("moetron_fp8_triton", "grouped_mm_bf16"),
             ("moetron_fp8_quant", "grouped_mm_bf16"),
         ],
@@ -364,6 +404,7 @@ COLUMNS = {
         "torch_bf16",
         "scaled_mm_tensorwise",
         "scaled_mm_rowwise",
+        "scaled_mm_blockwise",
     ],
     "grouped": [
         "moetron_fp8",
@@ -371,6 +412,7 @@ COLUMNS = {
         "moetron_fp8_quant",
         "grouped_mm_bf16",
         "scaled_grouped_mm_rowwise",
+        "scaled_grouped_mm_blockwise",
     ],
     "linear": ["moetron_fp8", "torch_bf16"],
 }

@@ -72,17 +72,20 @@ def fp8(data: dict) -> str:
     sections = {
         "gemm": (
             ["shape M x N x K", "what", "moetron fp8_gemm", "(Triton kernel)", "+ quantize", "bf16 matmul",
-             "cuBLAS fp8 tensorwise", "cuBLAS fp8 rowwise", "vs rowwise", "vs bf16"],
+             "cuBLAS fp8 tensorwise", "cuBLAS fp8 rowwise", "cuBLAS fp8 block-scaled", "vs rowwise",
+             "vs block-scaled", "vs bf16"],
             lambda r: [r["moetron_fp8"], r.get("moetron_fp8_triton"), r["moetron_fp8_quant"], r["torch_bf16"],
-                       r["scaled_mm_tensorwise"],
-                       r["scaled_mm_rowwise"], _fmt(r["ratio_moetron_fp8_vs_scaled_mm_rowwise"], 2),
+                       r["scaled_mm_tensorwise"], r["scaled_mm_rowwise"], r.get("scaled_mm_blockwise"),
+                       _fmt(r["ratio_moetron_fp8_vs_scaled_mm_rowwise"], 2),
+                       _fmt(r.get("ratio_moetron_fp8_vs_scaled_mm_blockwise"), 2),
                        _fmt(r["ratio_moetron_fp8_vs_torch_bf16"], 2)],
         ),
         "grouped": (
             ["shape M x N x K", "what", "moetron fp8_grouped_gemm", "(Triton kernel)", "+ quantize",
-             "bf16 _grouped_mm", "cuBLAS fp8 _scaled_grouped_mm rowwise", "vs cuBLAS fp8", "vs bf16"],
+             "bf16 _grouped_mm", "cuBLAS fp8 _scaled_grouped_mm rowwise", "cuBLAS fp8 grouped block-scaled",
+             "vs cuBLAS fp8", "vs bf16"],
             lambda r: [r["moetron_fp8"], r.get("moetron_fp8_triton"), r["moetron_fp8_quant"], r["grouped_mm_bf16"],
-                       r.get("scaled_grouped_mm_rowwise"),
+                       r.get("scaled_grouped_mm_rowwise"), r.get("scaled_grouped_mm_blockwise"),
                        _fmt(r.get("ratio_moetron_fp8_vs_scaled_grouped_mm_rowwise"), 2),
                        _fmt(r["ratio_moetron_fp8_vs_grouped_mm_bf16"], 2)],
         ),
@@ -100,7 +103,7 @@ def fp8(data: dict) -> str:
             label = f"{shape['M']} x {shape['N']} x {shape['K']}"
             if "experts" in shape:
                 label = f"E={shape['experts']}: {label}"
-            rows.append([label, r["what"], *(_fmt(c) if isinstance(c, float) else c for c in cells(r))])
+            rows.append([label, r["what"], *(_fmt(c) if isinstance(c, float) or c is None else c for c in cells(r))])
         out.append(_table(header, rows))
     return "\n\n".join(out)
 
