@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fp8 import rowwise, tensorwise  # noqa: E402  (bench/fp8.py: the same peer operands)
+from fp8_operands import rowwise, tensorwise  # noqa: E402  (the peer operands bench/fp8.py uses)
 from timing import estimate_ms  # noqa: E402  (bench/timing.py)
 
 # NVML's clocks-event (throttle) reason bits, nvml.h
