@@ -48,6 +48,7 @@ from moetron.kernels.attention_gluon_sched import (
     _put_item,
     l2_section,
 )
+from moetron.kernels.gluon_names import tma_load
 from moetron.kernels.launch import FastLaunch, cdiv
 
 WG_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma
@@ -154,22 +155,22 @@ def _loader(
             _put_item(items.index(qb), h, q_start, k_start, q_len, k_len, m0)  # for the consumers
             mbarrier.expect(q_ready.index(qb), q_bytes)
             for w in gl.static_range(PARTS):
-                tma.async_copy_global_to_shared(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready.index(qb),
+                tma_load(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready.index(qb),
                                                 q_tiles.index(qb * PARTS + w))  # fmt: skip
                 if TAIL:
-                    tma.async_copy_global_to_shared(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN],
+                    tma_load(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN],
                                                     q_ready.index(qb), qt_tiles.index(qb * PARTS + w))  # fmt: skip
             for n0 in range(k_start + lo, k_start + hi, BLOCK_N):
                 s = c % STAGES
                 free = ((c // STAGES) & 1) ^ 1  # the first lap finds every stage free
                 mbarrier.wait(k_empty.index(s), free)
                 mbarrier.expect(k_ready.index(s), k_bytes)
-                tma.async_copy_global_to_shared(k_desc, [n0, k_col], k_ready.index(s), k_ring.index(s))
+                tma_load(k_desc, [n0, k_col], k_ready.index(s), k_ring.index(s))
                 if TAIL:
-                    tma.async_copy_global_to_shared(kt_desc, [n0, k_col + MAIN], k_ready.index(s), kt_ring.index(s))
+                    tma_load(kt_desc, [n0, k_col + MAIN], k_ready.index(s), kt_ring.index(s))
                 mbarrier.wait(v_empty.index(s), free)
                 mbarrier.expect(v_ready.index(s), v_bytes)
-                tma.async_copy_global_to_shared(v_desc, [n0, h // group * D_V], v_ready.index(s), v_ring.index(s))
+                tma_load(v_desc, [n0, h // group * D_V], v_ready.index(s), v_ring.index(s))
                 c += 1
             n_done += 1
         t = t_next

@@ -61,6 +61,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from moetron.kernels.attention_gluon import _key_range
+from moetron.kernels.gluon_names import tma_load, tma_store
 
 WG_ROWS = 64  # rows per consumer warpgroup (one m64 wgmma): 128 per program with two
 CONSUMER_REGS = gl.constexpr(240)  # the worker consumer; the default partition gets 504 - 240 - 24 = 240 as well
@@ -121,7 +122,7 @@ def _write_out(desc, ptr, stride_t, smem, value, row0, col0, n_rows):
     smem.store(value)
     fence_async_shared()
     if n_rows >= smem.shape[0]:
-        tma.async_copy_shared_to_global(desc, [row0, col0], smem)
+        tma_store(desc, [row0, col0], smem)
         tma.store_wait(pendings=0)
     else:
         _store_rows(ptr + col0, stride_t, row0, n_rows, smem)
@@ -137,10 +138,10 @@ def _load_halves(x_desc, xb_desc, y_desc, x_smem, xb_smem, y_smem, bar, row0, x_
     mbarrier.expect(bar, BYTES)
     for w in gl.static_range(2):
         row = row0 + w * ROWS
-        tma.async_copy_global_to_shared(x_desc, [row, x_col], bar, x_smem.index(w))
+        tma_load(x_desc, [row, x_col], bar, x_smem.index(w))
         if SPLIT:
-            tma.async_copy_global_to_shared(xb_desc, [row, x_col + DA], bar, xb_smem.index(w))
-        tma.async_copy_global_to_shared(y_desc, [row, y_col], bar, y_smem.index(w))
+            tma_load(xb_desc, [row, x_col + DA], bar, xb_smem.index(w))
+        tma_load(y_desc, [row, y_col], bar, y_smem.index(w))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +174,10 @@ def _dkdv_loader(
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # first lap: fresh barriers pass
             bar = ready.index(s)
             mbarrier.expect(bar, TILE_BYTES)
-            tma.async_copy_global_to_shared(q_desc, [q_start + m0, h * D_QK], bar, q_ring.index(s))
+            tma_load(q_desc, [q_start + m0, h * D_QK], bar, q_ring.index(s))
             if SPLIT:
-                tma.async_copy_global_to_shared(qb_desc, [q_start + m0, h * D_QK + DA], bar, qb_ring.index(s))
-            tma.async_copy_global_to_shared(do_desc, [q_start + m0, h * D_V], bar, do_ring.index(s))
+                tma_load(qb_desc, [q_start + m0, h * D_QK + DA], bar, qb_ring.index(s))
+            tma_load(do_desc, [q_start + m0, h * D_V], bar, do_ring.index(s))
             lse_ring.index(s).store(lse2)
             delta_ring.index(s).store(delta)
             mbarrier.arrive(bar)  # second arrival on ready[s]: lse2 / delta are in shared memory
@@ -390,10 +391,10 @@ def _dq_loader(
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         bar = ready.index(s)
         mbarrier.expect(bar, TILE_BYTES)
-        tma.async_copy_global_to_shared(k_desc, [k_start + n0, hk * D_QK], bar, k_ring.index(s))
+        tma_load(k_desc, [k_start + n0, hk * D_QK], bar, k_ring.index(s))
         if SPLIT:
-            tma.async_copy_global_to_shared(kb_desc, [k_start + n0, hk * D_QK + DA], bar, kb_ring.index(s))
-        tma.async_copy_global_to_shared(v_desc, [k_start + n0, hk * D_V], bar, v_ring.index(s))
+            tma_load(kb_desc, [k_start + n0, hk * D_QK + DA], bar, kb_ring.index(s))
+        tma_load(v_desc, [k_start + n0, hk * D_V], bar, v_ring.index(s))
         it += 1
 
 

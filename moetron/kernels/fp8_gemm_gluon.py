@@ -87,6 +87,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from moetron.kernels.fp8_gemm_triton import _sm_count
+from moetron.kernels.gluon_names import cta_barrier, tma_load, tma_store
 from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, host_descriptor, next_power_of_2
 
 WG_ROWS = 64  # output rows per consumer warpgroup: one m64 wgmma
@@ -208,13 +209,9 @@ def _loader(a_src, b_src, a_ring, b_ring, ready, empty, GE, E, M, N, K, stride_a
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
             mbarrier.expect(ready.index(s), (PARTS * WG_ROWS + HALVES * BLOCK_N) * BLOCK_K)  # (1-byte elements)
             for j in gl.static_range(PARTS):
-                tma.async_copy_global_to_shared(
-                    a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j)
-                )
+                tma_load(a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j))
             for h in gl.static_range(HALVES):
-                tma.async_copy_global_to_shared(
-                    b_desc, [b_row0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h)
-                )
+                tma_load(b_desc, [b_row0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h))
             it += 1
 
 
@@ -305,10 +302,10 @@ def _store(acc, c_smem, c_desc, C, rows, row_ok, row0, row_end, n0, M, N, stride
         whole = (row0 + acc.shape[0] <= row_end) | (row_end == M)
         if whole:
             tma.store_wait(pendings=0)  # the previous store has read c_smem ...
-            gl.thread_barrier()  # ... and every thread of the warpgroup knows it
+            cta_barrier()  # ... and every thread of the warpgroup knows it
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [row0, n0], c_smem)  # clipped at M, N
+            tma_store(c_desc, [row0, n0], c_smem)  # clipped at M, N
         _masked_store(acc, C, rows, row_ok & ~whole, n0, N, stride_cm)
     else:
         _masked_store(acc, C, rows, row_ok, n0, N, stride_cm)

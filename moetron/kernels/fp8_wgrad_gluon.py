@@ -67,6 +67,7 @@ from moetron.kernels.fp8_gemm_gluon import (
     choose_tiles as choose_gemm_tiles,
 )
 from moetron.kernels.fp8_gemm_triton import _sm_count
+from moetron.kernels.gluon_names import tma_load
 from moetron.kernels.launch import FastLaunch, cdiv, device_scratch, host_descriptor
 
 # Two consumer warpgroups of 64 rows with 240 registers each (two 64 x 128 accumulators and one partial for the
@@ -134,18 +135,12 @@ def _loader(A, B, sa_desc, sb_desc, a_ring, b_ring, sa_ring, sb_ring, ready, emp
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first lap finds every stage free
             mbarrier.expect(ready.index(s), BYTES)
             for j in gl.static_range(PARTS):
-                tma.async_copy_global_to_shared(
-                    a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j)
-                )
+                tma_load(a_desc, [m0 + j * WG_ROWS, kb * BLOCK_K], ready.index(s), a_ring.index(s * PARTS + j))
             for h in gl.static_range(HALVES):
-                tma.async_copy_global_to_shared(
-                    b_desc, [n0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h)
-                )
+                tma_load(b_desc, [n0 + h * BLOCK_N, kb * BLOCK_K], ready.index(s), b_ring.index(s * HALVES + h))
             for j in gl.static_range(PARTS):
-                tma.async_copy_global_to_shared(
-                    sa_desc, [kb * M + m0 + j * WG_ROWS], ready.index(s), sa_ring.index(s * PARTS + j)
-                )
-            tma.async_copy_global_to_shared(sb_desc, [kb * N + n0], ready.index(s), sb_ring.index(s))
+                tma_load(sa_desc, [kb * M + m0 + j * WG_ROWS], ready.index(s), sa_ring.index(s * PARTS + j))
+            tma_load(sb_desc, [kb * N + n0], ready.index(s), sb_ring.index(s))
             it += 1
 
 

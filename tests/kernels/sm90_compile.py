@@ -14,7 +14,19 @@ import subprocess
 
 import triton
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+def _ptxas() -> str:
+    """The ptxas Triton itself assembles sm_90a code with (3.6: its CUDA 12 `ptxas`; 3.9, whose PTX is a newer
+    ISA: `ptxas-blackwell`, CUDA 13), or the path where 3.6 keeps it when this Triton says none."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except Exception:  # (no NVIDIA backend in this build: the tests skip on the missing file)
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+PTXAS = _ptxas()
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100 program may use
 
 
