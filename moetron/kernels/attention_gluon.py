@@ -155,11 +155,10 @@ def _loader(
             _put_item(items.index(qb), h, q_start, k_start, q_len, k_len, m0)  # for the consumers
             mbarrier.expect(q_ready.index(qb), q_bytes)
             for w in gl.static_range(PARTS):
-                tma_load(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready.index(qb),
-                                                q_tiles.index(qb * PARTS + w))  # fmt: skip
+                tma_load(q_desc, [q_start + m0 + w * ROWS, q_col], q_ready.index(qb), q_tiles.index(qb * PARTS + w))
                 if TAIL:
-                    tma_load(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN],
-                                                    q_ready.index(qb), qt_tiles.index(qb * PARTS + w))  # fmt: skip
+                    tma_load(qt_desc, [q_start + m0 + w * ROWS, q_col + MAIN], q_ready.index(qb),
+                             qt_tiles.index(qb * PARTS + w))  # fmt: skip
             for n0 in range(k_start + lo, k_start + hi, BLOCK_N):
                 s = c % STAGES
                 free = ((c // STAGES) & 1) ^ 1  # the first lap finds every stage free
