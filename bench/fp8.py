@@ -15,8 +15,9 @@ fails, so one peer that does not take a shape does not stop the run):
   (pre-quantized), `moetron_fp8_quant` adds the quantization, peers `grouped_mm_bf16`
   (`torch._grouped_mm`) and `scaled_grouped_mm_rowwise` (`torch._scaled_grouped_mm`, cuBLAS-style
   rowwise FP8) and `scaled_grouped_mm_blockwise` (`torch.nn.functional.scaled_grouped_mm` with
-  DeepSeek's recipe, where this torch's cuBLAS takes it). Group sizes: multinomial from a fixed seed over skewed expert probabilities;
-  `aligned` rounds every group up to a multiple of 128 rows (the padding of the FP8 MoE path).
+  DeepSeek's recipe, where this torch's cuBLAS takes it). Group sizes: multinomial from a fixed seed
+  over skewed expert probabilities; `aligned` rounds every group up to a multiple of 128 rows (the
+  padding of the FP8 MoE path).
 * linear: a full forward + backward (`y.backward(grad)`, grads of input and weight) of
   `FP8Linear` vs `nn.Linear`, both with bf16 parameters and inputs, no autocast (and the same with fp32
   weights under bf16 autocast). `kernels_us_<impl>`: the GPU time of one call by kernel (torch.profiler,
