@@ -1,7 +1,8 @@
 """Launcher of the warp-specialized Gluon attention backward for Hopper (the kernels and how they work:
-moetron/kernels/attention_gluon_bwd_kernels.py): tile configurations per head-dim pair, the tensor
-descriptors over (tokens, heads * dim) views, the rule for when it serves an input, and the launch of the two
-(independent) kernels on two streams, so that each fills the SMs the other's last wave leaves idle.
+moetron/kernels/attention_gluon_bwd_kernels.py, the dQ kernel in attention_gluon_bwd_dq.py): tile configurations
+per head-dim pair, the tensor descriptors over (tokens, heads * dim) views, the rule for when it serves an input,
+and the launch of the two (independent) kernels on two streams, so that each fills the SMs the other's last wave
+leaves idle.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 from triton.experimental.gluon import language as gl
 
 from moetron.kernels.attention_gluon import _GL_DTYPES, gluon_enabled
-from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel, _dq_kernel
+from moetron.kernels.attention_gluon_bwd_dq import _dq_kernel
+from moetron.kernels.attention_gluon_bwd_kernels import WG_ROWS, _dkdv_kernel
 from moetron.kernels.launch import FastLaunch, cdiv, host_descriptor
 
 BLOCK = 2 * WG_ROWS  # key rows per dK/dV program, query rows per dQ program
