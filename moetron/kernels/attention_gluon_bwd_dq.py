@@ -13,7 +13,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from moetron.kernels.attention_gluon import _key_range
 from moetron.kernels.attention_gluon_bwd_kernels import (
     CONSUMER_REGS,
     LOADER_REGS,
@@ -22,6 +21,7 @@ from moetron.kernels.attention_gluon_bwd_kernels import (
     _op_layout,
     _write_out,
 )
+from moetron.kernels.attention_gluon_sched import _key_range
 from moetron.kernels.gluon_names import tma_load
 
 

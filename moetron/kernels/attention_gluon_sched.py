@@ -1,5 +1,6 @@
 """Work distribution of the Gluon attention forward (attention_gluon.py): which query block a work item is,
-how the loader hands an item to the consumer warpgroups, and the counter the programs take items from.
+how the loader hands an item to the consumer warpgroups, the counter the programs take items from, and which
+key blocks a query block visits (`_key_range`, shared with the backward's dQ kernel).
 
 A work item is one query block of one (sequence, head). Programs take items as they finish: each program
 starts with item `program_id`, then its loader takes `programs + atomic_add(counter, 1)` until the items run
@@ -91,3 +92,25 @@ def _item_counter(device: torch.device) -> torch.Tensor:
         _counters[device] = (torch.zeros(_COUNTER_SLOTS, 2, dtype=torch.int32, device=device), itertools.count())
     ring, turn = _counters[device]
     return ring[next(turn) % _COUNTER_SLOTS]
+
+
+@gluon.jit
+def _key_range(m0, k_len, offset, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, MIN_BLOCKS: gl.constexpr):  # fmt: skip
+    """Key blocks a query block [m0, m0 + BLOCK_M) visits, [lo, hi); from `full` on they need a mask (the
+    causal diagonal, the partial last block, every block of a window). MIN_BLOCKS = 1 (the forward): a
+    query block that sees no key at all still runs one fully masked block (its output is 0, its
+    logsumexp -inf); the backward's dQ kernel passes 0."""
+    lo = 0
+    hi = k_len
+    if CAUSAL:
+        hi = gl.minimum(k_len, m0 + BLOCK_M + offset)
+        full = gl.maximum(0, gl.minimum(m0 + offset + 1, k_len)) // BLOCK_N * BLOCK_N
+    else:
+        full = k_len // BLOCK_N * BLOCK_N
+    if HAS_WINDOW:
+        lo = gl.maximum(0, (m0 + offset - window + 1) // BLOCK_N * BLOCK_N)
+        full = lo
+    hi = gl.maximum(hi, lo + MIN_BLOCKS)
+    full = gl.minimum(gl.maximum(full, lo), hi)
+    return lo, full, hi
