@@ -3,8 +3,8 @@
 Computing:
 * `peak_tflops(device_name)`: dense bf16 tensor-core peak of a GPU model, for MFU.
 * `StepMetrics.compute(...)`: tokens/s (global and per GPU), achieved TFLOP/s per GPU and MFU.
-* `peak_memory_gb()`: peak CUDA memory since the last call (max RSS of the process on CPU);
-  `peak_memory_stats_gb()` also the allocator's peak reserved memory.
+* `peak_memory_stats_gb()`: peak CUDA memory allocated and reserved since the last call (the process's max RSS
+  on CPU).
 * `expert_load_metrics(router_stats)`: MoE load balance as flat scalars;
   `expert_load_histograms(router_stats)`: tokens per expert, for wandb only.
 
@@ -100,18 +100,12 @@ class StepMetrics:
         return dataclasses.asdict(self)
 
 
-def peak_memory_gb(device: torch.device | str | None = None, reset: bool = True) -> float:
-    """Peak memory in GiB (2**30 bytes). On CUDA: the allocator's max allocated since the last
-    reset, reset again when `reset` (call once per log interval). On CPU: the process's max
-    resident set size, which only grows (the OS has no reset)."""
-    return peak_memory_stats_gb(device, reset)[0]
-
-
 def peak_memory_stats_gb(device: torch.device | str | None = None, reset: bool = True) -> tuple[float, float | None]:
-    """(peak allocated, peak reserved) in GiB since the last reset, both reset when `reset`. Reserved is what the
-    caching allocator holds from the GPU, allocated or cached: the number that decides whether another allocation,
-    or another process, still fits (on an H100 a deepseek_v3_mini process held 44-45 GiB of the GPU with at most
-    ~34 GiB allocated). On CPU: (the process's max RSS, None)."""
+    """(peak allocated, peak reserved) in GiB (2**30 bytes) since the last reset, both reset when `reset` (call
+    once per log interval). Reserved is what the caching allocator holds from the GPU, allocated or cached: the
+    number that decides whether another allocation, or another process, still fits (on an H100 a deepseek_v3_mini
+    process held 44-45 GiB of the GPU with at most ~34 GiB allocated). On CPU: (the process's max resident set
+    size, which only grows (the OS has no reset), None)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
